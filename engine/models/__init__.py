@@ -1,0 +1,1 @@
+"""llmudf.engine.models"""

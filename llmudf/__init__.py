@@ -1,0 +1,31 @@
+"""llmudf: call LLMs inside analytical queries, and pay for as little inference as possible.
+
+>>> import llmudf
+>>> con = llmudf.connect()                                   # doctest: +SKIP
+>>> con.sql("SELECT llm('Summarize', title) FROM movies")    # doctest: +SKIP
+
+Heavy modules (torch, duckdb) are imported on first use, so `import llmudf` stays cheap.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it; resolved lazily by __getattr__
+_LAZY = {
+    "connect": "llmudf.connectors.duckdb",
+    "register": "llmudf.connectors.duckdb",
+    "Engine": "llmudf.engine.engine",
+    "EngineConfig": "llmudf.engine.config",
+    "SamplingParams": "llmudf.engine.sampling",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmudf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

@@ -1,0 +1,52 @@
+"""Where llmudf finds bundled data and keeps its caches (no network, ever)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import platformdirs
+
+
+def cache_dir() -> Path:
+    """The user cache dir, or $LLMUDF_CACHE_DIR (tests point it at a temp dir)."""
+    root = os.environ.get("LLMUDF_CACHE_DIR") or platformdirs.user_cache_dir("llmudf")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def result_cache_dir() -> Path:
+    """The persistent LLM result cache; $LLMUDF_RESULT_CACHE_DIR overrides (tests isolate it)."""
+    root = os.environ.get("LLMUDF_RESULT_CACHE_DIR")
+    path = Path(root) if root else cache_dir() / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def model_cache_dir() -> Path:
+    """Dequantized weights of GGUF models, saved as safetensors so the second load is fast."""
+    path = cache_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(name: str) -> Path | None:
+    """A package's folder found without importing it (its own imports may be missing)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def movies_db() -> Path:
+    """`movies.db` (SQLite: tables omdb, tomatoes) from the PyPI package bokeh-sampledata."""
+    root = package_dir("bokeh_sampledata")
+    path = root / "_data" / "movies.db" if root else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            "movies.db not found: install the demo data with "
+            "`pip install --no-deps bokeh-sampledata`"
+        )
+    return path
