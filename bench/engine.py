@@ -1,0 +1,152 @@
+"""Engine benchmark: transformers `generate` vs our engine, prefix cache off and on.
+
+256 prompts from movies.db rows (one shared instruction + title, year, genre, director,
+language, country, through the chat template), the default SmolLM2-135M-Instruct, greedy, up
+to 8 new tokens, one dtype everywhere (fp32 on CPU). All three systems run in this process on
+the same prompts and weights:
+  (a) transformers LlamaForCausalLM.generate, batch 16, left padding
+  (b) our engine, prefix cache off
+  (c) our engine, prefix cache on
+Prints rows/s and prompt tokens/s of each, the prefix hit rate of (c), the ratios, and ends
+with one JSON line.
+
+    python bench/engine.py                   # the full run
+    python bench/engine.py --num-prompts 32  # a quick one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import time
+
+import torch
+from llmudf.engine.config import EngineConfig
+from llmudf.engine.engine import Engine
+from llmudf.engine.sampling import SamplingParams
+from llmudf.engine.weights import load_model, resolve_model_dir
+
+from llmudf.paths import movies_db
+from llmudf.prompt import ChatPrompt, render_user_message
+
+INSTRUCTION = "Is this movie suitable for young children? Answer yes or no."
+FIELDS = ("title", "year", "genre", "director", "language", "country")
+MAX_NEW_TOKENS = 8
+HF_BATCH = 16
+
+
+def movie_prompts(n: int) -> list[ChatPrompt]:
+    con = sqlite3.connect(movies_db())
+    rows = con.execute(
+        "SELECT Title, Year, Genre, Director, Language, Country FROM omdb ORDER BY ID LIMIT ?",
+        (n,),
+    ).fetchall()
+    return [
+        ChatPrompt(render_user_message(INSTRUCTION, zip(FIELDS, row, strict=True))) for row in rows
+    ]
+
+
+def run_transformers(prompts: list[ChatPrompt], tokenizer, dtype) -> list[str]:
+    """What a user would write today: batched `generate` with left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_dir(None)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    hf_tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    if hf_tok.pad_token is None:
+        hf_tok.pad_token = hf_tok.eos_token
+    texts = [tokenizer.apply_chat_template(p.messages()) for p in prompts]
+    answers: list[str] = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), HF_BATCH):
+            enc = hf_tok(
+                texts[i : i + HF_BATCH], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            out = model.generate(
+                **enc,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=hf_tok.pad_token_id,
+                eos_token_id=list(tokenizer.eos_token_ids),
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers += hf_tok.batch_decode(new, skip_special_tokens=True)
+    return answers
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    args = parser.parse_args()
+
+    config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens)
+    model, model_config, tokenizer = load_model(None, config.torch_device, config.torch_dtype)
+    prompts = movie_prompts(args.num_prompts)
+    params = SamplingParams(max_tokens=MAX_NEW_TOKENS)
+    n = len(prompts)
+
+    def engine(prefix_cache: bool) -> Engine:
+        cfg = EngineConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=prefix_cache
+        )
+        return Engine.from_model(model, model_config, tokenizer, cfg)
+
+    engine(False).generate(prompts[:4], params)  # warm-up (one-time allocator/kernel setup)
+    hf_answers, t_a = timed(lambda: run_transformers(prompts, tokenizer, config.torch_dtype))
+    engine_b = engine(False)
+    out_b, t_b = timed(lambda: engine_b.generate(prompts, params))
+    engine_c = engine(True)
+    out_c, t_c = timed(lambda: engine_c.generate(prompts, params))
+
+    num_prompt_tokens = sum(o.num_prompt_tokens for o in out_c)
+    answers_b = [o.text for o in out_b]
+    answers_c = [o.text for o in out_c]
+    identical = answers_b == answers_c
+    agree = sum(a.strip() == c.strip() for a, c in zip(hf_answers, answers_c, strict=True)) / n
+    hit_rate = engine_c.stats.prefix_hit_rate
+    print(
+        f"{n} prompts, {num_prompt_tokens / n:.1f} prompt tokens each, "
+        f"up to {MAX_NEW_TOKENS} new tokens, {config.torch_dtype}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    for name, t in (
+        ("(a) transformers generate, batch 16", t_a),
+        ("(b) engine, prefix cache off", t_b),
+        ("(c) engine, prefix cache on", t_c),
+    ):
+        print(
+            f"{name:38s} {t:7.2f} s  {n / t:7.2f} rows/s  {num_prompt_tokens / t:8.1f} prompt tok/s"
+        )
+    print(f"prefix hit rate (c): {hit_rate:.1%}; preemptions (c): {engine_c.stats.num_preemptions}")
+    print(
+        f"speedup (c)/(a): {t_a / t_c:.2f}x   (c)/(b): {t_b / t_c:.2f}x   (b)/(a): {t_a / t_b:.2f}x"
+    )
+    print(
+        f"answers: (b) == (c) for {sum(map(str.__eq__, answers_b, answers_c))}/{n}; "
+        f"(a) == (c) for {agree:.1%}"
+    )
+    print(
+        json.dumps(
+            {
+                "num_prompts": n,
+                "rows_per_s": {"hf": n / t_a, "engine_no_cache": n / t_b, "engine_cache": n / t_c},
+                "speedup_vs_hf": t_a / t_c,
+                "speedup_cache": t_b / t_c,
+                "hit_rate": hit_rate,
+                "identical_b_c": identical,
+                "agree_a_c": agree,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

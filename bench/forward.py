@@ -1,0 +1,98 @@
+"""One forward pass of the default model: our paged model vs transformers, same weights.
+
+    python bench/forward.py --seqs 16 --tokens 100
+
+Runs (a) a prefill of `seqs` prompts of `tokens` tokens each and (b) one decode step of the
+same sequences, in our model (flat batch, paged KV) and in transformers (padded batch, its
+own KV cache), fp32, and prints the time of each and the ratios; the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from llmudf.engine.weights import load_model, resolve_model_dir
+from llmudf.kernels import AttentionMetadata
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    model, cfg, _ = load_model()
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model_dir(None), dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.vocab_size, (args.seqs, args.tokens), generator=gen)
+    page_size = 16
+    pages_per_seq = -(-(args.tokens + 1) // page_size)
+    shape = (args.seqs * pages_per_seq, page_size, cfg.num_kv_heads, cfg.head_dim)
+    kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+    tables = [list(range(s * pages_per_seq, (s + 1) * pages_per_seq)) for s in range(args.seqs)]
+    last_rows = torch.arange(args.seqs) * args.tokens + args.tokens - 1
+
+    def ours_prefill():
+        meta = AttentionMetadata.build([args.tokens] * args.seqs, [args.tokens] * args.seqs, tables, page_size)
+        positions = torch.arange(args.tokens).repeat(args.seqs)
+        hidden = model(ids.flatten(), positions, meta, kv_caches)
+        return model.compute_logits(hidden[last_rows])
+
+    def ours_decode():
+        n = args.tokens + 1
+        meta = AttentionMetadata.build([1] * args.seqs, [n] * args.seqs, tables, page_size)
+        hidden = model(ids[:, 0], torch.full((args.seqs,), n - 1), meta, kv_caches)
+        return model.compute_logits(hidden)
+
+    hf_state = {}
+
+    def hf_prefill():
+        out = hf(ids, use_cache=True, logits_to_keep=1)
+        hf_state["cache"] = out.past_key_values
+        return out.logits[:, -1]
+
+    def hf_decode():
+        cache = hf_state["cache"]
+        extra = cache.get_seq_length() - args.tokens
+        if extra:
+            cache.crop(-extra)  # undo the previous timed decode step
+        return hf(ids[:, :1], past_key_values=cache, use_cache=True).logits[:, -1]
+
+    with torch.inference_mode():
+        torch.testing.assert_close(ours_prefill(), hf_prefill(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(ours_decode(), hf_decode(), atol=1e-3, rtol=1e-3)
+        t_ours_prefill = best_of(ours_prefill, args.repeats)
+        t_hf_prefill = best_of(hf_prefill, args.repeats)
+        t_ours_decode = best_of(ours_decode, args.repeats * 3)
+        t_hf_decode = best_of(hf_decode, args.repeats * 3)
+    tokens = args.seqs * args.tokens
+    print(f"prefill {args.seqs}x{args.tokens}: ours {t_ours_prefill:.3f}s ({tokens / t_ours_prefill:.0f} tok/s)"
+          f"  transformers {t_hf_prefill:.3f}s  ratio {t_hf_prefill / t_ours_prefill:.2f}x")
+    print(f"decode  {args.seqs} seqs at {args.tokens}: ours {t_ours_decode * 1e3:.1f}ms"
+          f"  transformers {t_hf_decode * 1e3:.1f}ms  ratio {t_hf_decode / t_ours_decode:.2f}x")
+    print(json.dumps({
+        "seqs": args.seqs, "tokens": args.tokens, "threads": torch.get_num_threads(),
+        "prefill_s_ours": round(t_ours_prefill, 4), "prefill_s_hf": round(t_hf_prefill, 4),
+        "prefill_speedup": round(t_hf_prefill / t_ours_prefill, 3),
+        "decode_ms_ours": round(t_ours_decode * 1e3, 2), "decode_ms_hf": round(t_hf_decode * 1e3, 2),
+        "decode_speedup": round(t_hf_decode / t_ours_decode, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

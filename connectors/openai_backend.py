@@ -1,0 +1,168 @@
+"""An EngineClient over any OpenAI-compatible endpoint (vLLM, SGLang, a hosted API, or
+`llmudf serve --http-port`), with the official `openai` package.
+
+Each prompt is one chat completion; up to `max_concurrency` are in flight at once. A
+connection error, timeout, 429 or 5xx is retried `max_retries` times with exponential
+backoff and jitter; then the call fails with an `EndpointError` naming the endpoint. Choice
+constraints go out as `guided_choice` (vLLM / SGLang / llmudf); an endpoint without them
+answers free text, which the caller's parser then maps.
+
+>>> client = OpenAIClient("http://127.0.0.1:8000/v1", model="smollm2")   # doctest: +SKIP
+>>> client.generate([ChatPrompt("Say hi")], SamplingParams())[0].text    # doctest: +SKIP
+'Hi'
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from llmudf.prompt import ChatPrompt
+
+
+class EndpointError(RuntimeError):
+    """The OpenAI-compatible endpoint is down, or kept failing after the retries."""
+
+
+@dataclass(slots=True)
+class OpenAIConfig:
+    """Where the endpoint is and how hard to try.
+
+    base_url: e.g. "http://127.0.0.1:8000/v1". api_key: None = $OPENAI_API_KEY, or "none".
+    timeout: seconds per request. backoff: the first retry's delay in seconds (doubles).
+
+    >>> OpenAIConfig("http://127.0.0.1:8000/v1", model="smollm2").max_concurrency
+    8
+    """
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+    max_concurrency: int = 8
+    max_retries: int = 3
+    backoff: float = 0.5
+    timeout: float = 120.0
+
+    def __post_init__(self):
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if not self.model:
+            raise ValueError("model must name the endpoint's model (see its /v1/models)")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+
+
+class OpenAIClient:
+    """Answers prompts through an OpenAI-compatible chat-completions endpoint."""
+
+    def __init__(self, base_url: str, model: str, **options):
+        import openai  # optional dependency: pip install 'llmudf[openai]'
+
+        self.config = OpenAIConfig(base_url, model, **options)
+        self._openai = openai
+        api_key = self.config.api_key or os.environ.get("OPENAI_API_KEY") or "none"
+        # retries are ours (below), so the count and the backoff are known and bounded
+        self._client = openai.OpenAI(
+            base_url=self.config.base_url,
+            api_key=api_key,
+            timeout=self.config.timeout,
+            max_retries=0,
+        )
+        self._retryable = (
+            openai.APIConnectionError,
+            openai.APITimeoutError,
+            openai.RateLimitError,
+            openai.InternalServerError,
+        )
+        self.num_retries = 0
+        self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        return f"openai:{self.config.base_url}#{self.config.model}"
+
+    def generate(self, prompts: list, params, progress=None) -> list:
+        """One Output per ChatPrompt, in prompt order."""
+        for i, p in enumerate(prompts):
+            if not isinstance(p, ChatPrompt):
+                raise TypeError(
+                    f"prompt {i} is a {type(p).__name__}; the openai backend takes ChatPrompt"
+                )
+        if not prompts:
+            return []
+
+        def one(index_prompt):
+            index, prompt = index_prompt
+            out = self._complete(index, prompt, params)
+            if progress is not None:
+                progress(1)
+            return out
+
+        workers = min(self.config.max_concurrency, len(prompts))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmudf-openai") as pool:
+            return list(pool.map(one, enumerate(prompts)))
+
+    # ---- private -------------------------------------------------------------------------
+
+    def _complete(self, index: int, prompt: ChatPrompt, params):
+        from llmudf.engine.request import Output
+
+        request = self._request(prompt, params)
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                response = self._client.chat.completions.create(**request)
+                break
+            except self._retryable as exc:
+                if attempt == self.config.max_retries:
+                    raise EndpointError(
+                        f"OpenAI-compatible endpoint {self.config.base_url} failed "
+                        f"{attempt + 1} times ({type(exc).__name__}: {exc}); is it up?"
+                    ) from exc
+                with self._lock:
+                    self.num_retries += 1
+                delay = self.config.backoff * 2**attempt
+                time.sleep(delay * (0.5 + random.random()))
+            except self._openai.APIStatusError as exc:  # 4xx: retrying will not help
+                raise EndpointError(
+                    f"OpenAI-compatible endpoint {self.config.base_url} rejected the request "
+                    f"({exc.status_code}): {exc.message}"
+                ) from exc
+        choice = response.choices[0]
+        usage = response.usage
+        details = getattr(usage, "prompt_tokens_details", None) if usage else None
+        return Output(
+            request_id=str(index),
+            text=choice.message.content or "",
+            token_ids=[],
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+            num_prompt_tokens=usage.prompt_tokens if usage else 0,
+            num_cached_tokens=(getattr(details, "cached_tokens", 0) or 0) if details else 0,
+            num_generated_tokens=usage.completion_tokens if usage else 0,
+        )
+
+    def _request(self, prompt: ChatPrompt, params) -> dict:
+        request = {
+            "model": self.config.model,
+            "messages": prompt.messages(),
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.seed is not None:
+            request["seed"] = params.seed
+        if params.stop:
+            request["stop"] = list(params.stop)
+        extra = {}
+        if params.top_k:
+            extra["top_k"] = params.top_k
+        if params.choices is not None:
+            extra["guided_choice"] = list(params.choices)
+        if extra:
+            request["extra_body"] = extra
+        return request

@@ -1,0 +1,261 @@
+"""PySpark: the LLM functions in Spark SQL and the DataFrame API, answered by the engine
+server co-located on each node.
+
+- `sql(spark, query)` rewrites the whole query (sqlglot, spark dialect) like DuckDB does:
+  each call site's distinct argument tuples are planned on the driver (dedup, GGR order,
+  result cache), sent in that order as a DataFrame range-partitioned by send position, so
+  prompts that share prefixes meet in one partition, and answered by `mapInArrow` tasks
+  that talk to their node's engine server (`FlightEngineClient`; started on first use).
+- `register(spark)` registers llm, llm_filter, llm_choice, llm_score, llm_json as Arrow
+  batch UDFs for plain Spark SQL (each batch deduplicated and reordered on its executor).
+- `llm(...)`, `llm_filter(...)`, ... return Columns for `select` / `where` / `withColumn`.
+
+A task whose server dies is retried (by the client, then by Spark): greedy answers and the
+result cache make the retry give the same answers.
+
+>>> import llmudf.spark
+>>> llmudf.spark.register(spark, max_tokens=8)                                 # doctest: +SKIP
+>>> query = "SELECT title FROM movies WHERE llm_filter('Kids?', title)"
+>>> llmudf.spark.sql(spark, query).show()                                      # doctest: +SKIP
+>>> df.select(llm("Genre?", "title", "plot").alias("genre"))                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+import pyarrow as pa
+from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
+
+from llmudf.cache import open_cache
+from llmudf.config import Config
+from llmudf.executor import run_call
+from llmudf.functions import FUNCTIONS, bind_call, is_options
+from llmudf.prompt import ChatPrompt
+
+_ANSWER_SCHEMA = "i long, text string, p int, c int, g int"
+_NAMES = itertools.count(1)
+
+
+class SparkClient:
+    """EngineClient that answers a batch on the cluster: prompts keep their (optimized) order,
+    are range-partitioned by position, and each task asks its node's engine server."""
+
+    def __init__(self, spark, config: Config, num_partitions: int | None = None):
+        self.spark = spark
+        self.config = config
+        self.num_partitions = num_partitions or spark.sparkContext.defaultParallelism
+
+    @property
+    def model_id(self) -> str:
+        return self.config.model or "smollm2"
+
+    def generate(self, prompts: list, params, progress=None) -> list:
+        from llmudf.engine.request import Output
+
+        if not prompts:
+            return []
+        rows = pd.DataFrame(
+            {
+                "i": range(len(prompts)),
+                "user": [p.user for p in prompts],
+                "system": [p.system for p in prompts],
+            }
+        )
+        parts = max(1, min(self.num_partitions, len(prompts)))
+        df = self.spark.createDataFrame(rows, "i long, user string, system string")
+        answer = _answer_partition(self.config.model, self.config.engine, params)
+        result = df.repartitionByRange(parts, "i").mapInArrow(answer, _ANSWER_SCHEMA)
+        table = result.toArrow().sort_by("i")
+        if progress is not None:
+            progress(table.num_rows)
+        return [
+            Output(str(r["i"]), r["text"], [], "stop", r["p"], r["c"], r["g"])
+            for r in table.to_pylist()
+        ]
+
+
+def _answer_partition(model, engine: dict, params):
+    def answer(batches):
+        from llmudf.engine.flight_client import FlightEngineClient
+
+        client = FlightEngineClient(model=model, engine=engine)
+        for batch in batches:
+            rows = batch.to_pydict()
+            prompts = [ChatPrompt(u, s) for u, s in zip(rows["user"], rows["system"], strict=True)]
+            outs = client.generate(prompts, params) if prompts else []
+            yield pa.RecordBatch.from_pydict(
+                {
+                    "i": rows["i"],
+                    "text": [o.text for o in outs],
+                    "p": [o.num_prompt_tokens for o in outs],
+                    "c": [o.num_cached_tokens for o in outs],
+                    "g": [o.num_generated_tokens for o in outs],
+                },
+                schema=pa.schema(
+                    [("i", pa.int64()), ("text", pa.string())]
+                    + [(n, pa.int32()) for n in ("p", "c", "g")]
+                ),
+            )
+        client.close()
+
+    return answer
+
+
+def sql(spark, query: str, config: Config | None = None, **options):
+    """Run a Spark SQL query whose LLM calls are answered once per distinct argument tuple,
+    in prefix-sharing order, on the node engine servers; returns a DataFrame.
+
+    >>> llmudf.spark.sql(spark, "SELECT llm('Genre?', title) AS g FROM movies")  # doctest: +SKIP
+    """
+    config = config or Config.from_kwargs(**options)
+    register(spark, config)
+    try:
+        rewrite = QueryRewrite(query, "spark")
+    except UnsupportedQuery:
+        return spark.sql(query)
+    if not rewrite.sites:
+        return spark.sql(query)
+    if not config.rewrite:
+        return spark.sql(rewrite.udf_sql())
+    cache = open_cache(config.cache_dir) if config.cache else None
+    client = SparkClient(spark, config)
+
+    def run_sql(text: str) -> pa.Table:
+        return spark.sql(text).toArrow()
+
+    def answer(site, args: pa.Table) -> str:
+        instruction, fields = _site_inputs(site, args)
+        result = run_call(site.spec, instruction, fields, config, client, cache)
+        table = args.append_column(ANSWER, result.answers)
+        table = table.append_column(FOUND, pa.array([True] * args.num_rows, pa.bool_()))
+        name = f"__llm_answers_{next(_NAMES)}"
+        spark.createDataFrame(
+            table.to_pandas(), schema=_spark_schema(table)
+        ).createOrReplaceTempView(name)
+        return name
+
+    try:
+        final = rewrite.run(run_sql, answer)
+    except UnsupportedQuery:
+        return spark.sql(QueryRewrite(query, "spark").udf_sql())
+    return spark.sql(final)
+
+
+def register(spark, config: Config | None = None, **options) -> None:
+    """Register llm, llm_filter, llm_choice, llm_score, llm_json for Spark SQL (per batch).
+
+    >>> llmudf.spark.register(spark, max_tokens=8)                                # doctest: +SKIP
+    >>> spark.sql("SELECT llm('Genre?', title) FROM movies").show()               # doctest: +SKIP
+    """
+    config = config or Config.from_kwargs(**options)
+    for name in FUNCTIONS:
+        spark.udf.register(name, _batch_udf(name, config))
+
+
+def _function(name: str):
+    def column(instruction: str, *fields, choices=None, schema=None, config=None, **options):
+        from pyspark.sql import functions as F
+
+        cols = [F.col(f) if isinstance(f, str) else f for f in fields]
+        names = [f if isinstance(f, str) else f"field{i}" for i, f in enumerate(fields, 1)]
+        args = [F.lit(instruction)]
+        const = choices if choices is not None else schema
+        if const is not None:
+            args.append(F.lit(const if isinstance(const, str) else list(const)))
+        if cols:
+            args.append(F.struct(*[c.alias(n) for c, n in zip(cols, names, strict=True)]))
+        if options:
+            args.append(F.struct(*[F.lit(v).alias(k) for k, v in options.items()]))
+        return _batch_udf(name, config or Config())(*args)
+
+    column.__name__ = name
+    column.__doc__ = (
+        f"`{name}(instruction, *columns, **options)` as a Spark Column (columns by name or "
+        f"Column; `choices=` for llm_choice, `schema=` for llm_json).\n\n"
+        f'>>> df.where({name}("Is it a comedy?", "title", "genre"))   # doctest: +SKIP'
+    )
+    return column
+
+
+llm = _function("llm")
+llm_filter = _function("llm_filter")
+llm_choice = _function("llm_choice")
+llm_score = _function("llm_score")
+llm_json = _function("llm_json")
+
+
+# ---- private ---------------------------------------------------------------------------------
+
+
+def _batch_udf(name: str, config: Config):
+    from pyspark.sql.functions import pandas_udf
+
+    function = FUNCTIONS[name]
+
+    def udf(*args: pd.Series) -> pd.Series:
+        from llmudf.engine.flight_client import FlightEngineClient
+
+        rest = list(args[1:])
+        const = rest.pop(0).iloc[0] if function.const_arg and rest else None
+        if hasattr(const, "tolist"):
+            const = const.tolist()
+        call_options = {}
+        if len(rest) >= 2 and isinstance(rest[-1], pd.DataFrame) and is_options(list(rest[-1])):
+            call_options = rest.pop().iloc[0].to_dict()
+        spec = bind_call(name, const, call_options, f"{name} (per batch)")
+        instruction = args[0].tolist()
+        if len(set(instruction)) == 1 and instruction[0] is not None:
+            instruction = instruction[0]
+        fields = _fields_table(rest, len(args[0]))
+        client = FlightEngineClient(model=config.model, engine=config.engine)
+        cache = open_cache(config.cache_dir) if config.cache else None
+        result = run_call(spec, instruction, fields, config, client, cache)
+        client.close()
+        return pd.Series(result.answers.to_pylist(), dtype=object)
+
+    return pandas_udf(udf, returnType=_SPARK_TYPES[function.arrow_type.id])
+
+
+_SPARK_TYPES = {
+    pa.string().id: "string",
+    pa.bool_().id: "boolean",
+    pa.float64().id: "double",
+}
+
+
+def _fields_table(args: list, num_rows: int) -> pa.Table:
+    names, arrays = [], []
+    for i, arg in enumerate(args, 1):
+        frame = arg if isinstance(arg, pd.DataFrame) else arg.to_frame(f"field{i}")
+        for column in frame.columns:
+            names.append(str(column))
+            arrays.append(pa.array(frame[column].tolist()))
+    if not arrays:
+        return pa.table({"_": pa.nulls(num_rows)}).drop_columns(["_"])
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _site_inputs(site, args: pa.Table):
+    """(instruction, fields table) of a call site from its distinct argument tuples."""
+    from sqlglot import exp
+
+    columns = iter(args.columns)
+    instruction = site.instruction
+    if not isinstance(instruction, str):
+        instruction = next(columns).to_pylist()
+    names, arrays = [], []
+    for name, value in site.fields:
+        names.append(name)
+        if isinstance(value, exp.Expression):  # an expression: the next key column holds it
+            arrays.append(next(columns).combine_chunks())
+        else:
+            arrays.append(pa.array([value] * args.num_rows))
+    return instruction, pa.Table.from_arrays(arrays, names=names)
+
+
+def _spark_schema(table: pa.Table):
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(table.schema)

@@ -1,0 +1,106 @@
+"""EngineConfig: every knob of the engine in one validated dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROMPT_OVERFLOW_POLICIES = ("error", "truncate_left")
+SCHEDULE_POLICIES = ("dfs", "fcfs")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How to build and run an Engine.
+
+    model: a Hugging Face model folder, a .gguf file, or None / "smollm2" for the default
+    SmolLM2-135M-Instruct. device: "auto" (cuda if available, else cpu), "cpu", "cuda[:i]".
+    dtype: "auto" (float32 on CPU, bfloat16 on CUDA) or a name from float32/bfloat16/float16.
+
+    KV memory: `num_kv_pages` if given, else `kv_cache_bytes` if given, else
+    `kv_cache_fraction` of the device's free memory (host RAM on CPU).
+
+    prompt_overflow: what to do with a prompt that leaves no room for generation within
+    `max_model_len`: "error" (default; a ValueError naming both lengths) or "truncate_left"
+    (keep the end of the prompt; SamplingParams.truncate_left overrides per request).
+
+    >>> EngineConfig(device="cpu", max_num_batched_tokens=1024).max_num_batched_tokens
+    1024
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    page_size: int = 16
+    num_kv_pages: int | None = None
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float = 0.3
+    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    enable_prefix_cache: bool = True
+    schedule_policy: str = "dfs"
+    prompt_overflow: str = "error"
+    # In-step look-ahead: a waiting request that shares this many more tokens with a request
+    # admitted in the same step than with the cache waits one step and reuses its KV instead.
+    min_shared_prefix_to_defer: int = 32
+
+    def __post_init__(self):
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.num_kv_pages is not None and self.num_kv_pages < 1:
+            raise ValueError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(
+                f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}"
+            )
+        if self.prompt_overflow not in PROMPT_OVERFLOW_POLICIES:
+            raise ValueError(
+                f"prompt_overflow must be one of {PROMPT_OVERFLOW_POLICIES}, "
+                f"got {self.prompt_overflow!r}"
+            )
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {list(_DTYPES)}, got {self.dtype!r}")
+        resolve_device(self.device)  # fail early on a malformed device string
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from exc
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes free on `device` now (host RAM available to this process on CPU)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

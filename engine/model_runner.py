@@ -1,0 +1,87 @@
+"""The model runner: turns a ScheduledBatch into one flat forward pass and samples.
+
+Every scheduled token of every sequence goes into one flat batch ([T]); logits are computed
+only for the last token of the sequences that sample this step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from llmudf.engine.kv_pool import KVPool
+from llmudf.engine.request import Sequence
+from llmudf.engine.sampling import Sampler, allowed_tokens
+from llmudf.engine.scheduler import ScheduledBatch
+from llmudf.kernels import AttentionMetadata
+
+
+@dataclass(slots=True)
+class SampledToken:
+    seq: Sequence
+    token_id: int
+    logprob: float | None
+
+
+class ModelRunner:
+    """Runs `model` (forward + compute_logits, see docs/DESIGN.md) over the pool's KV pages."""
+
+    def __init__(
+        self,
+        model,
+        pool: KVPool,
+        device: torch.device,
+        eos_token_ids: tuple[int, ...],
+        vocab_size: int,
+    ):
+        self.model = model
+        # the tokenizer's vocab may be smaller than the model's padded embedding table
+        self.vocab_size = vocab_size
+        self.pool = pool
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+        self._kv_caches = pool.kv_caches
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
+        seqs, counts = batch.seqs, batch.num_new_tokens
+        starts = [seq.num_computed_tokens for seq in seqs]
+        input_ids: list[int] = []
+        for seq, start, n in zip(seqs, starts, counts, strict=True):
+            input_ids += seq.token_ids[start : start + n]
+        seq_lens = [start + n for start, n in zip(starts, counts, strict=True)]
+        meta = AttentionMetadata.build(
+            counts, seq_lens, [seq.pages for seq in seqs], self.pool.page_size, self.device
+        )
+        counts_t = torch.tensor(counts, device=self.device)
+        cu = meta.cu_seqlens_q.long()
+        # position of flat token t = its offset inside its sequence's chunk + the chunk's start
+        offsets = torch.tensor(starts, device=self.device) - cu[:-1]
+        positions = torch.arange(len(input_ids), device=self.device)
+        positions += torch.repeat_interleave(offsets, counts_t)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        hidden = self.model.forward(ids, positions, meta, self._kv_caches)  # [T, H]
+
+        rows = [i for i, seq in enumerate(seqs) if seq_lens[i] == len(seq)]
+        if not rows:
+            return []
+        sampling = [seqs[i] for i in rows]
+        last = (cu[1:] - 1)[torch.tensor(rows, device=self.device)]
+        logits = self.model.compute_logits(hidden[last])[:, : self.vocab_size]  # [N, V] fp32
+        tokens, logprobs = self.sampler.sample(
+            logits,
+            [seq.params for seq in sampling],
+            [seq.generator for seq in sampling],
+            [
+                None if seq.trie_node is None else allowed_tokens(seq.trie_node, self.eos_token_ids)
+                for seq in sampling
+            ],
+            want_logprobs=any(seq.params.logprobs for seq in sampling),
+        )
+        token_list = tokens.tolist()
+        lp_list = logprobs.tolist() if logprobs is not None else [None] * len(sampling)
+        return [
+            SampledToken(seq, tok, lp)
+            for seq, tok, lp in zip(sampling, token_list, lp_list, strict=True)
+        ]

@@ -1,0 +1,192 @@
+"""The Llama family (Llama, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache.
+
+The whole flat batch of new tokens ([T], prefill chunks and decodes mixed) goes through each
+linear layer at once; q/k/v and gate/up are fused into single matmuls at load time, and
+attention reads and writes the paged cache through `llmudf.kernels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from llmudf.engine.model_config import ModelConfig
+from llmudf.kernels import (
+    AttentionMetadata,
+    apply_rotary,
+    paged_attention,
+    rms_norm,
+    rope_inv_freq,
+    store_kv,
+)
+from torch import nn
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_pages, page_size, num_kv_heads, head_dim]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, meta, kv_cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# HF weight name suffix -> (our fused parameter, shard index); shards are concatenated on dim 0
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family decoder that runs flat batches against a paged KV cache.
+
+    >>> from llmudf.engine.models import build_model, tiny_config
+    >>> model = build_model(tiny_config("llama"))
+    >>> model.config.family
+    'llama'
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # float32 whatever the model dtype; set by reset_rotary once the weights have a device
+        self.inv_freq = torch.empty(0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        dtype = self.embed_tokens.weight.dtype
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, meta, kv_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...) into the model,
+        fusing q/k/v and gate/up; raises if a parameter is missing or a shape disagrees."""
+        params = dict(self.named_parameters())
+        needed = {name: 1 for name in params}
+        for name in params:
+            if ".qkv_proj." in name:
+                needed[name] = 3
+            elif ".gate_up_proj." in name:
+                needed[name] = 2
+        loaded: dict[str, set[int]] = {}
+        for hf_name, tensor in weights:
+            name, shard = self._our_name(hf_name)
+            if name is None:
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected weight {hf_name!r} for a {self.config.family} model")
+            param = params[name]
+            with torch.no_grad():
+                target = param if shard is None else param.narrow(0, *self._shard_range(name, shard))
+                if target.shape != tensor.shape:
+                    raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+                target.copy_(tensor)
+            loaded.setdefault(name, set()).add(shard or 0)
+        missing = [n for n, k in needed.items() if len(loaded.get(n, ())) < k]
+        if missing:
+            raise ValueError(f"missing weights for {len(missing)} parameters, e.g. {missing[:3]}")
+
+    def reset_rotary(self) -> None:
+        """Compute the rotary inverse frequencies on the weights' device (call after moving)."""
+        cfg = self.config
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.inv_freq = inv_freq.to(self.embed_tokens.weight.device)
+
+    # -- private helpers -------------------------------------------------------------------
+
+    def _our_name(self, hf_name: str) -> tuple[str | None, int | None]:
+        name = hf_name.removeprefix("model.")
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None, None  # tied: the embedding is the head
+        if name.endswith("rotary_emb.inv_freq"):
+            return None, None
+        for hf_part, (ours, shard) in _FUSED.items():
+            if f".{hf_part}." in name:
+                return name.replace(hf_part, ours), shard
+        return name, None
+
+    def _shard_range(self, name: str, shard: int) -> tuple[int, int]:
+        cfg = self.config
+        if ".qkv_proj." in name:
+            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            return ((0, q), (q, kv), (q + kv, kv))[shard]
+        return shard * cfg.intermediate_size, cfg.intermediate_size

@@ -1,0 +1,287 @@
+"""One engine shared by many clients: a loop thread owns the Engine, clients submit calls.
+
+Flight and HTTP handlers run on their own threads and never touch the Engine. They
+`submit` a call (a list of prompts from one client) and read its answers from the call's
+queue as requests finish. The loop admits waiting requests into the engine in VTC order
+(engine/vtc.py), keeping at most `max_in_engine` there so that the admission order, not the
+engine's own queue, decides who is served next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmudf.engine.vtc import FairQueue
+
+from llmudf.prompt import ChatPrompt
+
+CHARS_PER_TOKEN = 4  # admission-time estimate of prompt tokens; corrected when it finishes
+
+
+class ServiceUnavailable(RuntimeError):
+    """The engine is still loading, failed to load, or the server is shutting down."""
+
+
+@dataclass(slots=True)
+class Result:
+    """One answer of a call: `output` (an engine Output) or `error` (why it has none); in a
+    streaming call also one per generated token, with only `token_id` set."""
+
+    index: int
+    output: object | None = None
+    error: str | None = None
+    token_id: int | None = None
+
+
+class Call:
+    """The answers of one submitted batch arrive on `results` (one Result per prompt)."""
+
+    def __init__(self, client_id: str, num_prompts: int, stream: bool = False):
+        self.client_id = client_id
+        self.num_prompts = num_prompts
+        self.is_streaming = stream
+        self.results: queue.Queue[Result] = queue.Queue()
+        self.is_cancelled = False
+
+    def next_answer(self, timeout: float | None = None) -> Result:
+        """The next finished request's Result, skipping per-token ones."""
+        while (result := self.results.get(timeout=timeout)).token_id is not None:
+            pass
+        return result
+
+
+@dataclass(slots=True)
+class _Ticket:
+    call: Call
+    index: int
+    prompt: object
+    params: object
+    cost: float
+    engine_id: object = None
+
+
+class EngineService:
+    """Owns an Engine on one thread; thread-safe `submit` / `cancel` / `shutdown`.
+
+    >>> service = EngineService(lambda: Engine(EngineConfig(model=path)))  # doctest: +SKIP
+    >>> service.start(); service.wait_ready(60)                            # doctest: +SKIP
+    >>> call = service.submit("me", [ChatPrompt("Say hi")], SamplingParams())  # doctest: +SKIP
+    >>> call.results.get().output.text                                     # doctest: +SKIP
+    'Hi'
+    """
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], object],
+        *,
+        max_in_engine: int | None = None,
+        fair: bool = True,
+    ):
+        self._engine_factory = engine_factory
+        self._max_in_engine = max_in_engine
+        self.engine = None
+        self.load_error: str | None = None
+        self.is_accepting = True
+        self.num_served = 0
+        self._last_active = time.monotonic()
+        self._fair = FairQueue(fair=fair)
+        self._running: dict[object, _Ticket] = {}
+        self._to_cancel: list[Call] = []
+        self._cond = threading.Condition()
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmudf-engine-loop", daemon=True)
+
+    # ---- public API ----------------------------------------------------------------------
+
+    def start(self) -> EngineService:
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the engine has loaded (True) or failed / timed out (False)."""
+        self._ready.wait(timeout)
+        return self.is_ready
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self.load_error is None and self.is_accepting
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.load_error is None
+
+    @property
+    def num_waiting(self) -> int:
+        with self._cond:
+            return len(self._fair)
+
+    @property
+    def num_running(self) -> int:
+        with self._cond:
+            return len(self._running)
+
+    @property
+    def idle_seconds(self) -> float:
+        """Seconds since the last request arrived or finished; 0 while there is work."""
+        with self._cond:
+            if len(self._fair) or self._running:
+                return 0.0
+            return time.monotonic() - self._last_active
+
+    def submit(self, client_id: str, prompts: list, params, stream: bool = False) -> Call:
+        """Queue `prompts` (str or ChatPrompt each) for `client_id`; `params` is one
+        SamplingParams for all or a list with one per prompt. `stream`: also put a Result
+        with `token_id` on the call's queue for each generated token."""
+        if self.load_error is not None:
+            raise ServiceUnavailable(f"engine failed to load: {self.load_error}")
+        if not self.is_accepting:
+            raise ServiceUnavailable("engine server is shutting down; retry on a new server")
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        call = Call(client_id, len(prompts), stream)
+        with self._cond:
+            self._last_active = time.monotonic()
+            for i, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
+                cost = self._fair.prompt_weight * _estimate_tokens(prompt)
+                self._fair.push(client_id, _Ticket(call, i, prompt, p, cost), cost)
+            self._cond.notify()
+        return call
+
+    def cancel(self, call: Call) -> None:
+        """Drop a call's waiting requests and abort its running ones (client went away)."""
+        call.is_cancelled = True
+        with self._cond:
+            self._to_cancel.append(call)
+            self._cond.notify()
+
+    def counter(self, client_id: str) -> float:
+        with self._cond:
+            return self._fair.counter(client_id)
+
+    def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting calls, let in-flight work finish for up to `drain_timeout` seconds,
+        then answer what is left with an error and stop the loop."""
+        self.is_accepting = False
+        deadline = time.monotonic() + drain_timeout
+        with self._cond:
+            while (len(self._fair) or self._running) and self._thread.is_alive():
+                if time.monotonic() >= deadline:
+                    break
+                self._cond.wait(0.05)
+        self._stopped.set()
+        with self._cond:
+            self._cond.notify()
+        self._thread.join(timeout=10)
+        self._fail_all("engine server shut down before this request finished")
+
+    # ---- the loop thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._engine_factory()
+            if self._max_in_engine is None:
+                config = getattr(self.engine, "config", None)
+                self._max_in_engine = getattr(config, "max_num_seqs", 64)
+        except Exception as exc:  # surfaced through /health and every submit
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            self._ready.set()
+            return
+        self._ready.set()
+        while not self._stopped.is_set():
+            with self._cond:
+                self._apply_cancellations()
+                self._admit()
+                if not self._running:
+                    self._cond.wait(0.05)
+                    continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a broken step fails its requests, not the server
+                self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+                continue
+            with self._cond:
+                for out in outputs:
+                    self._deliver(out)
+                self._cond.notify_all()
+
+    def _admit(self) -> None:
+        while len(self._running) < self._max_in_engine:
+            popped = self._fair.pop()
+            if popped is None:
+                return
+            client_id, ticket = popped
+            try:
+                stream = _token_sink(ticket) if ticket.call.is_streaming else None
+                ticket.engine_id = self.engine.add_request(
+                    ticket.prompt, ticket.params, stream=stream
+                )
+            except Exception as exc:  # bad prompt (too long, bad params): answer with why
+                self._fair.finish(client_id, ticket.cost, 0, 0)
+                ticket.call.results.put(Result(ticket.index, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            self._running[ticket.engine_id] = ticket
+
+    def _deliver(self, out) -> None:
+        ticket = self._running.pop(out.request_id, None)
+        if ticket is None:
+            return
+        self._fair.finish(
+            ticket.call.client_id,
+            ticket.cost,
+            out.num_prompt_tokens - out.num_cached_tokens,
+            out.num_generated_tokens,
+        )
+        self.num_served += 1
+        self._last_active = time.monotonic()
+        ticket.call.results.put(Result(ticket.index, output=out))
+
+    def _apply_cancellations(self) -> None:
+        for call in self._to_cancel:
+            for ticket in self._fair.remove(call.client_id, lambda t, c=call: t.call is c):
+                self._fair.finish(call.client_id, ticket.cost, 0, 0)
+            for engine_id, ticket in list(self._running.items()):
+                if ticket.call is call:
+                    self.engine.abort(engine_id)
+                    del self._running[engine_id]
+                    self._fair.finish(call.client_id, ticket.cost, 0, 0)
+        self._to_cancel.clear()
+
+    def _fail_running(self, error: str) -> None:
+        with self._cond:
+            for engine_id, ticket in list(self._running.items()):
+                # the engine may be in a bad state already; the error sent says so
+                with contextlib.suppress(Exception):
+                    self.engine.abort(engine_id)
+                self._fair.finish(ticket.call.client_id, ticket.cost, 0, 0)
+                ticket.call.results.put(Result(ticket.index, error=error))
+            self._running.clear()
+            self._cond.notify_all()
+
+    def _fail_all(self, error: str) -> None:
+        self._fail_running(error)
+        with self._cond:
+            while (popped := self._fair.pop()) is not None:
+                client_id, ticket = popped
+                self._fair.finish(client_id, ticket.cost, 0, 0)
+                ticket.call.results.put(Result(ticket.index, error=error))
+
+
+def _token_sink(ticket: _Ticket):
+    return lambda _request_id, token_id: ticket.call.results.put(
+        Result(ticket.index, token_id=token_id)
+    )
+
+
+def _estimate_tokens(prompt) -> int:
+    if isinstance(prompt, ChatPrompt):
+        return (len(prompt.user) + len(prompt.system or "")) // CHARS_PER_TOKEN + 1
+    if isinstance(prompt, str):
+        return len(prompt) // CHARS_PER_TOKEN + 1
+    return len(prompt)  # token ids

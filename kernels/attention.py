@@ -1,0 +1,188 @@
+"""Paged attention: the torch reference (gather pages + scaled dot-product attention).
+
+Per layer the KV cache is `k_cache, v_cache: [num_pages, page_size, num_kv_heads, head_dim]`.
+One forward runs a flat batch of T new tokens from B sequences (prefill chunks and decodes
+mixed), described by `AttentionMetadata`. New token i of sequence b sits at position
+`seq_lens[b] - q_len_b + i` and attends causally to every position <= its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the new tokens of one forward pass come from and where their K/V live.
+
+    cu_seqlens_q: [B+1] int32, offsets of each sequence's new tokens in the flat batch
+    seq_lens: [B] int32, context length of each sequence after this step (cached + new)
+    block_tables: [B, max_pages] int32, KV page ids of each sequence, padded with 0
+    slot_mapping: [T] int64, flat slot (`page * page_size + offset`) of each new token's K/V
+
+    >>> meta = AttentionMetadata.build([3, 1], [3, 5], [[0], [1, 2]], page_size=4)
+    >>> meta.slot_mapping.tolist()
+    [0, 1, 2, 8]
+    """
+
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    # built on the first layer's call and reused by every other layer of the same step
+    _plan: _TorchPlan | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        page_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata from plain lists: new tokens and context length per sequence, page ids."""
+        if not (len(query_lens) == len(seq_lens) == len(block_tables)):
+            raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
+        slots: list[int] = []
+        for q_len, k_len, pages in zip(query_lens, seq_lens, block_tables, strict=True):
+            if not 0 < q_len <= k_len:
+                raise ValueError(f"need 0 < query_len <= seq_len, got {q_len} and {k_len}")
+            if len(pages) * page_size < k_len:
+                raise ValueError(f"{len(pages)} pages of {page_size} cannot hold {k_len} tokens")
+            slots += [pages[p // page_size] * page_size + p % page_size for p in range(k_len - q_len, k_len)]
+        max_pages = max(len(p) for p in block_tables)
+        table = [p + [0] * (max_pages - len(p)) for p in block_tables]
+        cu = [0]
+        for q_len in query_lens:
+            cu.append(cu[-1] + q_len)
+        return cls(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(table, dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            max_seqlen_q=max(query_lens),
+            max_seqlen_k=max(seq_lens),
+        )
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write the new tokens' K/V ([T, Hkv, D]) into their slots of the paged cache."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+@dataclass
+class _Prefill:
+    q_start: int
+    q_len: int
+    slots: torch.Tensor  # [L] flat KV slots of positions 0..L-1
+    mask: torch.Tensor | None  # [G*q_len, L] bool, True = attend; None: plain causal, G == 1
+
+
+@dataclass
+class _TorchPlan:
+    """Index tensors shared by all layers of one step (built once from the metadata)."""
+
+    decode_rows: torch.Tensor | None  # [Bd] flat-batch rows of single-token sequences
+    decode_slots: torch.Tensor | None  # [Bd, Lmax] flat KV slots, padded with slot 0
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, None when all lengths equal
+    prefills: list[_Prefill]
+
+
+def _slots_of(block_table: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
+    pos = torch.arange(length, device=block_table.device)
+    return block_table[pos // page_size].long() * page_size + pos % page_size
+
+
+def _plan(meta: AttentionMetadata, page_size: int, group: int) -> _TorchPlan:
+    cu = meta.cu_seqlens_q.tolist()
+    seq_lens = meta.seq_lens.tolist()
+    device = meta.block_tables.device
+    decodes = [b for b in range(len(seq_lens)) if cu[b + 1] - cu[b] == 1]
+    prefills = []
+    for b in range(len(seq_lens)):
+        q_len, k_len = cu[b + 1] - cu[b], seq_lens[b]
+        if q_len == 1:
+            continue
+        mask = None
+        if q_len != k_len or group > 1:
+            # causal, shifted by the cached prefix; G stacked copies for the folded GQA rows
+            q_pos = torch.arange(k_len - q_len, k_len, device=device)
+            mask = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
+            mask = mask.repeat(group, 1)
+        slots = _slots_of(meta.block_tables[b], k_len, page_size)
+        prefills.append(_Prefill(cu[b], q_len, slots, mask))
+    if not decodes:
+        return _TorchPlan(None, None, None, prefills)
+    lens = [seq_lens[b] for b in decodes]
+    max_len = max(lens)
+    slots = torch.stack(
+        [F.pad(_slots_of(meta.block_tables[b], n, page_size), (0, max_len - n)) for b, n in zip(decodes, lens, strict=True)]
+    )
+    mask = None
+    if min(lens) != max_len:
+        lens_t = torch.tensor(lens, device=device)
+        mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+    rows = torch.tensor([cu[b] for b in decodes], device=device)
+    return _TorchPlan(rows, slots, mask, prefills)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over their sequences' paged K/V (torch reference).
+
+    q: [T, Hq, D] (Hq a multiple of Hkv); the new tokens' K/V must already be stored with
+    `store_kv`. Returns [T, Hq, D]. Decodes run as one batched SDPA call, each prefill chunk
+    as its own call; the query heads of one KV head are folded into the query length so GQA
+    needs no K/V copies.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    group = num_heads // num_kv_heads
+    if meta._plan is None:
+        meta._plan = _plan(meta, page_size, group)
+    plan = meta._plan
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    out = torch.empty_like(q)
+    if plan.decode_rows is not None:
+        num_seqs = plan.decode_rows.numel()
+        qd = q[plan.decode_rows].view(num_seqs, num_kv_heads, group, head_dim)
+        kd = k_flat[plan.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+        vd = v_flat[plan.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=plan.decode_mask, scale=scale
+        )
+        out[plan.decode_rows] = od.reshape(num_seqs, num_heads, head_dim)
+    for p in plan.prefills:
+        # [q_len, Hkv*G, D] -> [Hkv, G*q_len, D]: rows of one KV head's group stacked
+        qp = q[p.q_start : p.q_start + p.q_len].view(p.q_len, num_kv_heads, group, head_dim)
+        qp = qp.permute(1, 2, 0, 3).reshape(num_kv_heads, group * p.q_len, head_dim)
+        kp = k_flat[p.slots].transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
+        vp = v_flat[p.slots].transpose(0, 1).to(q.dtype)
+        op = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, scale=scale
+        )
+        op = op.view(num_kv_heads, group, p.q_len, head_dim).permute(2, 0, 1, 3)
+        out[p.q_start : p.q_start + p.q_len] = op.reshape(p.q_len, num_heads, head_dim)
+    return out

@@ -1,0 +1,14 @@
+"""RMSNorm, torch reference."""
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x / rms(x) * weight` over the last dim, computed in float32 like the HF models.
+
+    >>> rms_norm(torch.tensor([[3.0, 4.0]]), torch.ones(2), 0.0)
+    tensor([[0.8485, 1.1314]])
+    """
+    out = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * out.to(x.dtype)

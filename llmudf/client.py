@@ -1,0 +1,87 @@
+"""Engine clients: "something that answers prompts", behind one small interface.
+
+`EngineClient.generate(prompts, params, progress=None) -> list[Output]` answers a batch of
+`ChatPrompt`s (in order); `progress(n)` is called as n more answers finish. `model_id`
+names the model in result-cache keys, so every client of the same model shares answers.
+`InProcessClient` runs an `Engine` in this process, built on first use and shared by every
+client of the same model config; `get_client(config)` picks the client for a Config.
+
+>>> client = get_client(Config())                                     # doctest: +SKIP
+>>> client.generate([ChatPrompt("Capital of France?")], SamplingParams())[0].text  # doctest: +SKIP
+'Paris'
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from llmudf.config import Config
+from llmudf.prompt import ChatPrompt
+
+Progress = Callable[[int], None]
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    @property
+    def model_id(self) -> str: ...
+
+    def generate(self, prompts: list[ChatPrompt], params, progress: Progress | None = None): ...
+
+
+class InProcessClient:
+    """An Engine in this process; the first `generate` builds it (loads the model)."""
+
+    def __init__(self, model: str | None = None, engine: dict | None = None):
+        self.model = model
+        self.engine_options = dict(engine or {})
+        self._engine = None
+        self._lock = threading.Lock()  # one batch at a time: the Engine is not thread-safe
+
+    @property
+    def model_id(self) -> str:
+        return self.model or "smollm2"
+
+    @property
+    def engine(self):
+        """The Engine, built on first use."""
+        if self._engine is None:
+            from llmudf.engine.config import EngineConfig
+            from llmudf.engine.engine import Engine
+
+            self._engine = Engine(EngineConfig(model=self.model, **self.engine_options))
+        return self._engine
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, without loading its weights when the Engine is not built."""
+        if self._engine is not None:
+            return self._engine.tokenizer
+        from llmudf.engine.tokenizer import Tokenizer
+        from llmudf.engine.weights import resolve_model_dir
+
+        return Tokenizer.from_dir(resolve_model_dir(self.model))
+
+    def generate(self, prompts: list[ChatPrompt], params, progress: Progress | None = None):
+        with self._lock:
+            engine = self.engine
+            if not prompts:
+                return []
+            return engine.generate(list(prompts), params, progress=progress)
+
+
+_CLIENTS: dict[str, EngineClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def get_client(config: Config) -> EngineClient:
+    """The process-wide client for `config.model` + `config.engine` (built once, shared)."""
+    key = json.dumps([config.model, config.engine], sort_keys=True, default=str)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = InProcessClient(config.model, config.engine)
+        return client

@@ -1,0 +1,150 @@
+"""The per-call-site execution core, shared by every connector and by the per-chunk UDFs:
+optimizer plan -> result-cache lookup -> one engine batch -> cache fill -> parse -> fan out.
+
+>>> import pyarrow as pa
+>>> spec = bind_call("llm_filter")
+>>> rows = pa.table({"title": ["Up", "Up", "Heat"]})
+>>> result = run_call(spec, "Is it animated?", rows, Config(), get_client(Config()))  # doctest: +SKIP
+>>> result.answers.to_pylist(), result.stats.num_requests                            # doctest: +SKIP
+([True, True, False], 2)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from llmudf.cache import ResultCache, cache_key
+from llmudf.client import EngineClient
+from llmudf.config import Config
+from llmudf.functions import CallSpec, LLMCallError, bind_call
+from llmudf.optimizer.plan import PlanOptions, plan_call
+from llmudf.progress import BatchProgress
+from llmudf.prompt import ChatPrompt
+
+__all__ = ["CallResult", "CallStats", "bind_call", "run_call"]
+
+
+@dataclass(slots=True)
+class CallStats:
+    """What one call site cost: rows in, prompts after dedup, cache hits, engine tokens."""
+
+    site: str
+    num_rows: int = 0
+    num_requests: int = 0  # distinct prompts after dedup
+    num_cache_hits: int = 0
+    num_sent: int = 0  # prompts the engine answered
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
+    num_generated_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.num_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        tokens = self.num_prompt_tokens + self.num_generated_tokens
+        return tokens / self.seconds if self.seconds else 0.0
+
+    def add(self, other: CallStats) -> None:
+        for name in self.__slots__[1:]:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(slots=True)
+class CallResult:
+    answers: pa.Array  # one per input row, typed as the function's SQL type
+    stats: CallStats
+
+
+def run_call(
+    spec: CallSpec,
+    instruction: str | Sequence[str | None],
+    fields: pa.Table,
+    config: Config,
+    client: EngineClient,
+    cache: ResultCache | None = None,
+) -> CallResult:
+    """Answer one call site for every row of `fields` (columns = field names).
+
+    `instruction` is one string, or one per row (a NULL instruction gives a NULL answer).
+    Identical prompts are answered once (unless `config.dedup` is off); answers in `cache`
+    are not computed again; the rest go to `client` as one batch.
+    """
+    start = time.perf_counter()
+    config = spec.config(config)
+    num_rows = fields.num_rows
+    stats = CallStats(spec.site or spec.function.name, num_rows=num_rows)
+    options = PlanOptions(
+        dedup=config.dedup, reorder_fields=config.reorder_fields, reorder_rows=config.reorder_rows
+    )
+    decoding = spec.decoding(config)
+    prompts: list[ChatPrompt] = []
+    row_to_prompt = [-1] * num_rows  # -1: NULL answer
+    for text, rows in _group_by_instruction(instruction, num_rows).items():
+        group = fields if len(rows) == num_rows else fields.take(pa.array(rows, pa.int64()))
+        plan = plan_call(spec.instruction(text), group, options)
+        offset = len(prompts)
+        prompts += [ChatPrompt(p) for p in plan.prompts]
+        for row, request in zip(rows, plan.row_to_request.tolist(), strict=True):
+            row_to_prompt[row] = offset + request
+    stats.num_requests = len(prompts)
+    texts = _answer(spec, prompts, decoding, config, client, cache, stats)
+    values = [spec.parse(texts[j]) if j >= 0 else None for j in row_to_prompt]
+    stats.seconds = time.perf_counter() - start
+    return CallResult(pa.array(values, type=spec.function.arrow_type), stats)
+
+
+def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
+    """The answer text of each prompt: from the cache, else from one engine batch."""
+    keys = [cache_key(client.model_id, decoding, p) for p in prompts] if cache else []
+    known = cache.get_many(keys) if cache else {}
+    texts: list[str | None] = [known.get(k) for k in keys] if cache else [None] * len(prompts)
+    todo = [i for i, t in enumerate(texts) if t is None]
+    stats.num_cache_hits = len(prompts) - len(todo)
+    stats.num_sent = len(todo)
+    if not todo:
+        return texts
+    params = _sampling_params(decoding)
+    with BatchProgress(
+        stats.site, stats.num_rows, len(prompts), stats.num_cache_hits, config.progress
+    ) as bar:
+        try:
+            outputs = client.generate([prompts[i] for i in todo], params, progress=bar.advance)
+        except LLMCallError:
+            raise
+        except Exception as exc:  # model load, prompt over the context length, dead server
+            raise LLMCallError(f"{stats.site}: {type(exc).__name__}: {exc}") from exc
+        for out in outputs:
+            stats.num_prompt_tokens += out.num_prompt_tokens
+            stats.num_cached_tokens += out.num_cached_tokens
+            stats.num_generated_tokens += out.num_generated_tokens
+        bar.finish(stats.num_prompt_tokens + stats.num_generated_tokens)
+    for i, out in zip(todo, outputs, strict=True):
+        texts[i] = out.text
+    if cache:
+        cache.put_many({keys[i]: texts[i] for i in todo})
+    return texts
+
+
+def _sampling_params(decoding: dict):
+    from llmudf.engine.sampling import SamplingParams
+
+    # the engine has no JSON-schema constraint: llm_json generates, then validates
+    kwargs = {k: v for k, v in decoding.items() if k != "json_schema"}
+    return SamplingParams(**kwargs)
+
+
+def _group_by_instruction(instruction, num_rows: int) -> dict[str, list[int]]:
+    if isinstance(instruction, str):
+        return {instruction: list(range(num_rows))}
+    groups: dict[str, list[int]] = {}
+    for row, text in enumerate(instruction):
+        if text is not None:
+            groups.setdefault(str(text), []).append(row)
+    return groups

@@ -1,0 +1,187 @@
+"""The whole-query rewrite against the per-chunk UDF path, in a real DuckDB.
+
+Both paths answer with the same deterministic function of the rendered fields (so answers
+vary row to row and no model is needed): any difference is the rewrite's fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from llmudf.functions import FUNCTIONS
+from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
+from llmudf.prompt import render_fields
+
+
+def _oracle(name: str, instruction: str, fields: list[tuple[str, object]]):
+    digest = hashlib.sha256(f"{instruction}|{render_fields(fields)}".encode()).digest()[0]
+    if name == "llm_filter":
+        return digest % 3 != 0
+    if name == "llm_score":
+        return float(1 + digest % 5)
+    if name == "llm_choice":
+        return ["red", "green"][digest % 2]
+    return f"a{digest % 7}"
+
+
+def _udf(name: str, calls: list):
+    def udf(*args):
+        calls.append(len(args[0]))
+        instruction = args[0].to_pylist()
+        rest = list(args[1:])
+        if FUNCTIONS[name].const_arg:
+            rest.pop(0)
+        rows = rest[0].to_pylist() if rest else [{}] * len(args[0])
+        return pa.array(
+            [_oracle(name, i, list(r.items())) for i, r in zip(instruction, rows, strict=True)],
+            FUNCTIONS[name].arrow_type,
+        )
+
+    return udf
+
+
+UDF_CALLS: list[int] = []  # rows per per-chunk UDF call
+
+
+@pytest.fixture
+def con():
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE movies AS SELECT * FROM (VALUES "
+        "(1, 'Up', 'Animation', 2009, 'PG'), (2, 'Heat', 'Crime', 1995, 'R'), "
+        "(3, 'Up', 'Animation', 2009, 'PG'), (4, 'Alien', 'Horror', 1979, NULL), "
+        "(5, 'Cars', 'Animation', 2006, 'G'), (6, 'Saw', 'Horror', 2004, 'R'), "
+        "(7, 'Jaws', NULL, 1975, 'PG'), (8, 'Heat', 'Crime', 1995, 'R'), "
+        "(9, 'Big', 'Comedy', 1988, 'PG'), (10, 'Fargo', 'Crime', 1996, 'R')"
+        ") v(id, title, genre, year, rating)"
+    )
+    con.execute(
+        "CREATE TABLE reviews AS SELECT * FROM (VALUES (1, 'great'), (2, 'tense'), "
+        "(4, 'scary'), (5, 'fun'), (9, 'sweet'), (10, 'odd')) v(id, review)"
+    )
+    UDF_CALLS.clear()
+    for name, f in FUNCTIONS.items():
+        con.create_function(
+            name, _udf(name, UDF_CALLS), None, f.sql_type, type="arrow", null_handling="special"
+        )
+    yield con
+    con.close()
+
+
+def _rewritten(con, sql: str, assume_pass: bool = False):
+    rewrite = QueryRewrite(sql, "duckdb")
+    sent = []
+
+    def answer(site, args: pa.Table) -> str:
+        sent.append((site, args.num_rows))
+        columns = iter(args.columns)
+        instr = site.instruction
+        instructions = [instr] * args.num_rows if isinstance(instr, str) else next(columns)
+        values = {}
+        for name, value in site.fields:
+            values[name] = next(columns).to_pylist() if hasattr(value, "sql") else [value] * len(
+                args
+            )
+        answers = [
+            _oracle(site.name, str(instructions[i]), [(n, v[i]) for n, v in values.items()])
+            for i in range(args.num_rows)
+        ]
+        table = args.append_column(
+            ANSWER, pa.array(answers, site.spec.function.arrow_type)
+        ).append_column(FOUND, pa.array([True] * args.num_rows))
+        name = f"__llm_answers_{len(sent)}_{id(rewrite)}"
+        con.register(name, table)
+        return name
+
+    final = rewrite.run(lambda q: con.sql(q).to_arrow_table(), answer, assume_pass=assume_pass)
+    return final, sent
+
+
+SHAPES = [
+    "SELECT id, llm('Summarize', title, genre) FROM movies",
+    "SELECT id, title FROM movies WHERE year > 1990 AND llm_filter('Kids?', title, rating)",
+    "SELECT id FROM movies WHERE llm_filter('A?', title) OR year < 1980",
+    "SELECT id FROM movies WHERE llm_filter('A?', title) AND llm_filter('B?', genre) AND id > 1",
+    "SELECT genre, AVG(llm_score('Rate', title)) AS s, COUNT(*) FROM movies GROUP BY genre",
+    "SELECT m.id, llm('Mood?', title, review) FROM movies m JOIN reviews r ON m.id = r.id",
+    "WITH kids AS (SELECT * FROM movies WHERE llm_filter('Kids?', title)) "
+    "SELECT id, llm_choice('Color?', ['red', 'green'], genre) AS c FROM kids",
+    "SELECT id, x FROM (SELECT id, llm('S', {'t': title, 'y': year}) AS x FROM movies "
+    "WHERE year > 1980) sub WHERE id < 9",
+    "SELECT id, llm('S', title) FROM movies ORDER BY year DESC, id LIMIT 3",
+    "SELECT *, llm('S', genre, rating) AS g FROM movies WHERE rating IS NOT NULL",
+    "SELECT DISTINCT llm('S', title) AS t FROM movies",
+    "SELECT id, llm('Outer', {'inner': llm('Inner', title)}) FROM movies",
+    "SELECT llm('S', genre) AS g, COUNT(*) FROM movies GROUP BY ALL HAVING COUNT(*) > 1",
+    "SELECT id, llm(title, genre) FROM movies",  # the instruction is a column
+    "SELECT id FROM movies WHERE id IN (SELECT id FROM reviews WHERE llm_filter('Good?', review))",
+    "SELECT id, llm('S', title) FROM movies UNION ALL SELECT id, llm('S', review) FROM reviews",
+]
+
+
+@pytest.mark.parametrize("sql", SHAPES)
+def test_rewrite_returns_what_the_udf_path_returns(con, sql):
+    udf_sql = QueryRewrite(sql, "duckdb").udf_sql()
+    expected = sorted(map(repr, con.sql(udf_sql).fetchall()))
+    UDF_CALLS.clear()
+    final, sent = _rewritten(con, sql)
+    got = sorted(map(repr, con.sql(final).fetchall()))
+    assert got == expected
+    assert sent, "the rewrite answered no call site"
+    assert sum(UDF_CALLS) == 0, "a row missed the answers and fell back to the UDF"
+
+
+def test_rows_are_deduplicated_and_filters_pushed_below(con):
+    sql = "SELECT id FROM movies WHERE year > 1990 AND llm_filter('Kids?', title, rating)"
+    _final, sent = _rewritten(con, sql)
+    (site, num_distinct), = sent
+    assert (site.num_rows, num_distinct) == (7, 5)  # Up x2, Heat x2 among 7 rows after 1990
+    assert site.pushed == ["filter year > 1990"]
+
+
+def test_second_llm_filter_sees_only_survivors_of_the_first(con):
+    sql = "SELECT id FROM movies WHERE llm_filter('A?', title) AND llm_filter('B?', genre)"
+    _final, sent = _rewritten(con, sql)
+    (first, _), (second, _) = sent
+    assert first.fields[0][0] == "genre"  # 5 distinct genres (NULL too) before 7 titles
+    genres = [g for (g,) in con.sql("SELECT genre FROM movies").fetchall()]
+    survivors = sum(_oracle("llm_filter", "B?", [("genre", g)]) for g in genres)
+    assert (first.num_rows, second.num_rows) == (10, survivors)
+    assert 0 < survivors < 10
+
+
+def test_limit_is_pushed_below_the_select_call(con):
+    _final, sent = _rewritten(con, "SELECT id, llm('S', title) FROM movies ORDER BY id LIMIT 3")
+    (site, num_distinct), = sent
+    assert (site.num_rows, num_distinct) == (3, 3)
+    assert site.pushed == ["limit 3"]
+
+
+def test_limit_over_an_llm_order_is_not_pushed(con):
+    sql = "SELECT id, llm('S', title) AS a FROM movies ORDER BY a LIMIT 2"
+    _final, sent = _rewritten(con, sql)
+    assert sent[0][0].num_rows == 10
+
+
+def test_canonical_form_names_fields(con):
+    rewrite = QueryRewrite("SELECT llm_choice('C', ['a', 'b'], title, m.year) FROM movies m")
+    assert rewrite.udf_sql() == (
+        "SELECT LLM_CHOICE('C', ['a', 'b'], {'title': title, 'year': m.year}) FROM movies AS m"
+    )
+    assert [s.label for s in rewrite.sites] == ["llm_choice #1 in SELECT"]
+
+
+def test_spark_dialect_renders_the_same_plan():
+    rewrite = QueryRewrite("SELECT llm('S', title) FROM movies WHERE year > 1990", "spark")
+    assert rewrite.udf_sql() == "SELECT LLM('S', STRUCT(title AS `title`)) FROM movies WHERE year > 1990"
+
+
+def test_unsupported_shapes_say_so(con):
+    with pytest.raises(UnsupportedQuery, match="JOIN"):
+        _rewritten(con, "SELECT 1 FROM movies m JOIN reviews r ON llm_filter('Same?', title, review)")
+    with pytest.raises(UnsupportedQuery, match="without FROM"):
+        _rewritten(con, "SELECT llm('Hi')")
