@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import time
 
-import torch
-from llmudf.engine.config import EngineConfig
-from llmudf.engine.engine import Engine
-from llmudf.engine.sampling import SamplingParams
-from llmudf.engine.weights import load_model, resolve_model_dir
+# On a shared machine OpenMP's spinning barriers collapse when another process holds a core
+# (small ops became ~100x slower here); passive waiting keeps all three systems comparable.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from llmudf.paths import movies_db
-from llmudf.prompt import ChatPrompt, render_user_message
+import torch  # noqa: E402
+from llmudf.engine.config import EngineConfig  # noqa: E402
+from llmudf.engine.engine import Engine  # noqa: E402
+from llmudf.engine.sampling import SamplingParams  # noqa: E402
+from llmudf.engine.weights import load_model, resolve_model_dir  # noqa: E402
+
+from llmudf.paths import movies_db  # noqa: E402
+from llmudf.prompt import ChatPrompt, render_user_message  # noqa: E402
 
 INSTRUCTION = "Is this movie suitable for young children? Answer yes or no."
 FIELDS = ("title", "year", "genre", "director", "language", "country")

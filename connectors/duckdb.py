@@ -72,7 +72,7 @@ def register(con: duckdb.DuckDBPyConnection, config: Config | None = None, **opt
             function.sql_type,
             type="arrow",
             null_handling="special",
-            side_effects=False,
+            side_effects=True,  # never constant-folded or shared between call sites
         )
     return runtime
 

@@ -20,6 +20,9 @@ class EngineConfig:
     SmolLM2-135M-Instruct. device: "auto" (cuda if available, else cpu), "cpu", "cuda[:i]".
     dtype: "auto" (float32 on CPU, bfloat16 on CUDA) or a name from float32/bfloat16/float16.
 
+    page_size: tokens per KV page; None = 1 on CPU (prefixes are reused to the token; the
+    torch attention gathers by slot, so small pages cost nothing) and 16 on CUDA.
+
     KV memory: `num_kv_pages` if given, else `kv_cache_bytes` if given, else
     `kv_cache_fraction` of the device's free memory (host RAM on CPU).
 
@@ -34,7 +37,7 @@ class EngineConfig:
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    page_size: int = 16
+    page_size: int | None = None
     num_kv_pages: int | None = None
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.3
@@ -49,6 +52,8 @@ class EngineConfig:
     min_shared_prefix_to_defer: int = 32
 
     def __post_init__(self):
+        if self.page_size is None:
+            self.page_size = 16 if resolve_device(self.device).type == "cuda" else 1
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.num_kv_pages is not None and self.num_kv_pages < 1:

@@ -78,6 +78,7 @@ def run_call(
     """
     start = time.perf_counter()
     config = spec.config(config)
+    fields = _without_all_null_columns(fields)
     num_rows = fields.num_rows
     stats = CallStats(spec.site or spec.function.name, num_rows=num_rows)
     options = PlanOptions(
@@ -102,9 +103,9 @@ def run_call(
 
 def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
     """The answer text of each prompt: from the cache, else from one engine batch."""
-    keys = [cache_key(client.model_id, decoding, p) for p in prompts] if cache else []
-    known = cache.get_many(keys) if cache else {}
-    texts: list[str | None] = [known.get(k) for k in keys] if cache else [None] * len(prompts)
+    keys = [cache_key(client.model_id, decoding, p) for p in prompts] if cache is not None else []
+    known = cache.get_many(keys) if cache is not None else {}
+    texts: list[str | None] = [known.get(k) for k in keys] if keys else [None] * len(prompts)
     todo = [i for i, t in enumerate(texts) if t is None]
     stats.num_cache_hits = len(prompts) - len(todo)
     stats.num_sent = len(todo)
@@ -127,7 +128,7 @@ def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
         bar.finish(stats.num_prompt_tokens + stats.num_generated_tokens)
     for i, out in zip(todo, outputs, strict=True):
         texts[i] = out.text
-    if cache:
+    if cache is not None:
         cache.put_many({keys[i]: texts[i] for i in todo})
     return texts
 
@@ -138,6 +139,13 @@ def _sampling_params(decoding: dict):
     # the engine has no JSON-schema constraint: llm_json generates, then validates
     kwargs = {k: v for k, v in decoding.items() if k != "json_schema"}
     return SamplingParams(**kwargs)
+
+
+def _without_all_null_columns(fields: pa.Table) -> pa.Table:
+    """Drop columns with no value: a NULL field's line is left out of the prompt anyway."""
+    empty = [c for c, col in zip(fields.column_names, fields.columns, strict=True)
+             if col.null_count == len(col)]
+    return fields.drop_columns(empty) if empty and fields.num_rows else fields
 
 
 def _group_by_instruction(instruction, num_rows: int) -> dict[str, list[int]]:

@@ -79,14 +79,14 @@ def llm_calls(node: exp.Expression) -> list[exp.Anonymous]:
 
 def find_call_sites(tree: exp.Expression) -> list[CallSite]:
     """Put every LLM call in canonical form (in place) and return its CallSite, in SQL order."""
-    ordered = [n for n in tree.find_all(exp.Anonymous, bfs=False) if n.name.lower() in FUNCTIONS]
-    index = {id(n): i for i, n in enumerate(ordered, 1)}
-    canonical = {}
+    index = {id(n): i for i, n in enumerate(_in_sql_order(tree), 1)}
     for node in llm_calls(tree):  # innermost first: an outer call's args are already canonical
-        new = parse_call(node, index[id(node)]).canonical_node()
-        node.replace(new)
-        canonical[index[id(node)]] = new
-    return [parse_call(canonical[i], i) for i in sorted(canonical)]
+        node.replace(parse_call(node, index[id(node)]).canonical_node())
+    return [parse_call(n, i) for i, n in enumerate(_in_sql_order(tree), 1)]
+
+
+def _in_sql_order(tree: exp.Expression) -> list[exp.Anonymous]:
+    return [n for n in tree.find_all(exp.Anonymous, bfs=False) if n.name.lower() in FUNCTIONS]
 
 
 def parse_call(node: exp.Anonymous, index: int) -> CallSite:

@@ -83,6 +83,23 @@ def sort_rows(codes: np.ndarray, orders: np.ndarray) -> np.ndarray:
     return np.lexsort(keys[::-1]) if keys else np.arange(num_rows)
 
 
+def shared_line_chars(
+    codes: np.ndarray, weights: tuple[np.ndarray, ...], orders: np.ndarray
+) -> int:
+    """The objective: characters of whole lines shared with an earlier row (any row order)."""
+    num_rows, num_fields = codes.shape
+    if num_rows < 2 or num_fields == 0:
+        return 0
+    perm = sort_rows(codes, orders)
+    fields = orders[perm]
+    cells = codes[perm[:, None], fields]
+    same = (fields[1:] == fields[:-1]) & (cells[1:] == cells[:-1])
+    shared = np.cumprod(same, axis=1).astype(bool)  # leading equal lines, vs previous row
+    cell_weight = np.stack([weights[g][codes[:, g]] for g in range(num_fields)], axis=1)
+    line_weight = cell_weight[perm[1:, None], fields[1:]]
+    return int(line_weight[shared].sum())
+
+
 # ---- private helpers -------------------------------------------------------------------
 
 

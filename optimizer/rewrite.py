@@ -5,7 +5,8 @@ For each SELECT scope with LLM calls (CTEs and subqueries first): the WHERE conj
 without LLM calls filter the rows; then the LLM conjuncts run one at a time, the one with
 the fewest distinct argument tuples first, each on the survivors of the previous ones;
 then the calls in SELECT / GROUP BY / HAVING / ORDER BY run on the rows that pass the whole
-WHERE (and the LIMIT, when it does not depend on an LLM answer). Each call becomes
+WHERE (and the LIMIT, when it does not depend on an LLM answer: then the final query keeps
+only the answered rows, a superset of the LIMIT's rows). Each other call becomes
 
     LEFT JOIN <answers> AS __llm_i ON __llm_i.__llm_k0 IS NOT DISTINCT FROM <arg0> AND ...
     CASE WHEN __llm_i.__llm_found THEN __llm_i.__llm_answer ELSE <the call> END
@@ -120,10 +121,17 @@ class QueryRewrite:
         ]
         on = exp.and_(*conds) if conds else exp.true()
         scope.append("joins", exp.Join(this=exp.table_(table, alias=alias), side="LEFT", on=on))
-        lookup = exp.Case(
-            ifs=[exp.If(this=exp.column(FOUND, alias), true=exp.column(ANSWER, alias))],
-            default=site.node.copy(),
-        )
+        if pushdown:
+            # only rows under the LIMIT were answered: keep the answered rows (a superset of
+            # the LIMIT's rows), so no row outside it reaches a per-chunk fallback
+            scope.where(exp.column(FOUND, alias), copy=False)
+            site.node.replace(exp.column(ANSWER, alias))
+            return
+        found, answer = exp.column(FOUND, alias), exp.column(ANSWER, alias)
+        if _is_grouped(scope) and not _in_aggregate(site.node, scope):
+            # the call's arguments are group keys, so its answer is one per group
+            found, answer = exp.func("ANY_VALUE", found), exp.func("ANY_VALUE", answer)
+        lookup = exp.Case(ifs=[exp.If(this=found, true=answer)], default=site.node.copy())
         site.node.replace(lookup)
 
     def _rows_query(self, scope, keys, done: list[int], pushdown: bool) -> exp.Select:
@@ -137,7 +145,7 @@ class QueryRewrite:
         if done:
             select = select.where(exp.and_(*[conjuncts[i].copy() for i in sorted(done)]))
         if pushdown:
-            for arg in ("order", "limit", "offset"):
+            for arg in ("order", "limit"):
                 if scope.args.get(arg) is not None:
                     select.set(arg, scope.args[arg].copy())
         return select
@@ -201,6 +209,29 @@ def _conjuncts(scope: exp.Select) -> list[exp.Expression]:
     return list(where.this.flatten()) if isinstance(where.this, exp.And) else [where.this]
 
 
+def _is_grouped(scope: exp.Select) -> bool:
+    """Aggregated, with explicit keys (GROUP BY ALL makes a bare call a key itself)."""
+    group = scope.args.get("group")
+    if group is not None and group.args.get("all"):
+        return False
+    if group is not None or scope.args.get("having") is not None:
+        return True
+    return any(
+        agg.find_ancestor(exp.Select) is scope and not agg.find_ancestor(exp.Window)
+        for e in scope.expressions
+        for agg in e.find_all(exp.AggFunc)
+    )
+
+
+def _in_aggregate(node: exp.Expression, scope: exp.Select) -> bool:
+    parent = node.parent
+    while parent is not None and parent is not scope:
+        if isinstance(parent, exp.AggFunc):
+            return True
+        parent = parent.parent
+    return False
+
+
 def _selects_post_order(node: exp.Expression):
     """Every SELECT, CTEs first, inner scopes before the scope that uses them."""
     children = sorted(node.iter_expressions(), key=lambda c: c.arg_key != "with_")
@@ -237,7 +268,7 @@ def _limit_pushdown_ok(scope: exp.Select, rewrite: QueryRewrite) -> bool:
     """LIMIT can run below the SELECT's calls when it does not depend on an answer."""
     if scope.args.get("limit") is None:
         return False
-    if any(scope.args.get(a) for a in ("group", "having", "distinct", "qualify")):
+    if any(scope.args.get(a) for a in ("offset", "group", "having", "distinct", "qualify")):
         return False
     if any(e.find(exp.AggFunc, exp.Window) for e in scope.expressions):
         return False

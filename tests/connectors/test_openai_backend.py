@@ -11,12 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from llmudf.connectors.openai_backend import EndpointError, OpenAIClient
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.server import EngineServer, ServerConfig
+
 from llmudf.prompt import ChatPrompt
 
 ENGINE = {"device": "cpu", "num_kv_pages": 512}
@@ -67,7 +67,9 @@ def test_backend_answers_equal_in_process(server, tiny_model):
     assert [o.num_generated_tokens for o in got] == [o.num_generated_tokens for o in expected]
     assert sum(done) == len(prompts)
     choice = backend.generate(prompts[:2], SamplingParams(choices=["yes", "no"]))
-    assert [o.text for o in choice] == [o.text for o in local.generate(prompts[:2], SamplingParams(choices=["yes", "no"]))]
+    assert [o.text for o in choice] == [
+        o.text for o in local.generate(prompts[:2], SamplingParams(choices=["yes", "no"]))
+    ]
 
 
 def free_port() -> int:

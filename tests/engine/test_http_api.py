@@ -8,11 +8,11 @@ import threading
 
 import openai
 import pytest
-
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.server import EngineServer, ServerConfig
+
 from llmudf.prompt import ChatPrompt
 
 ENGINE = {"device": "cpu", "num_kv_pages": 512}
@@ -55,7 +55,9 @@ def test_completions_equal_in_process(client, server, local_engine):
 
 def test_chat_equals_in_process(client, server, local_engine):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-    expected = local_engine.generate([ChatPrompt("Hi!", system="Be brief.")], SamplingParams(max_tokens=6))
+    expected = local_engine.generate(
+        [ChatPrompt("Hi!", system="Be brief.")], SamplingParams(max_tokens=6)
+    )
     resp = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=6)
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].message.content == expected[0].text
@@ -87,7 +89,9 @@ def test_chat_streaming_concatenates_to_the_full_answer(client, server, local_en
         extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
     assert "".join(pieces) == expected
     assert len(pieces) > 1  # streamed as tokens came, not in one piece
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -133,7 +137,13 @@ def raw(server, method: str, path: str, body: bytes | None = None) -> tuple[int,
         ("POST", "/v1/completions", b'{"prompt": "' + b"x" * 5000 + b'"}', 400, "prompt"),
         ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "messages must be"),
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "bot"}]}', 400, "role"),
-        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}', 400, "content"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": 3}]}',
+            400,
+            "content",
+        ),
         ("GET", "/v1/nothing", None, 404, "no route"),
         ("POST", "/v1/models", b"{}", 404, "no route"),
     ],

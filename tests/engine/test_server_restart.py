@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,10 +29,8 @@ def isolated_cache(tmp_path, monkeypatch):
     started: list[int] = []
     yield started
     for pid in started:  # servers this test started, by pid
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_killed_server_mid_query_is_replaced_and_the_answers_are_complete(

@@ -1,0 +1,157 @@
+"""PySpark on real local Spark: Spark SQL (whole-query rewrite), the per-batch SQL UDFs, the
+DataFrame API and DuckDB give the same answers on movies data; a killed engine server
+mid-query still yields complete, correct answers."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import llmudf
+from llmudf import paths
+from llmudf.config import Config
+
+pytestmark = pytest.mark.slow
+ENGINE = {"device": "cpu", "num_kv_pages": 512}
+QUERY = (
+    "SELECT ID, llm('Describe the movie.', Title, Genre) AS a, "
+    "llm_filter('Is it a drama?', Genre) AS f FROM movies WHERE Year >= 2005 ORDER BY ID"
+)
+
+
+def _write_tiny_model(root: Path) -> str:
+    spec = importlib.util.spec_from_file_location(
+        "_engine_conftest", Path(__file__).parents[1] / "engine" / "conftest.py"
+    )
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    (root / "tok").mkdir()
+    (root / "model").mkdir()
+    helpers.write_tiny_tokenizer(root / "tok")
+    helpers.write_tiny_model(root / "model", "llama", 0, root / "tok")
+    return str(root / "model")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny model, an isolated cache dir (node servers are found there), and Spark."""
+    pytest.importorskip("pyspark")
+    from pyspark.sql import SparkSession
+
+    root = tmp_path_factory.mktemp("spark")
+    model = _write_tiny_model(root)
+    saved = os.environ.get("LLMUDF_CACHE_DIR")
+    os.environ["LLMUDF_CACHE_DIR"] = str(root / "cache")  # the executors inherit it
+    spark = (
+        SparkSession.builder.master("local[2,3]")  # 2 threads; a failed task is retried
+        .appName("llmudf-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .getOrCreate()
+    )
+    con = sqlite3.connect(paths.movies_db())
+    movies = pd.read_sql("SELECT ID, Title, Genre, Year FROM omdb ORDER BY ID LIMIT 60", con)
+    spark.createDataFrame(movies).createOrReplaceTempView("movies")
+    yield {"spark": spark, "model": model, "movies": movies, "root": root}
+    spark.stop()
+    for state in (root / "cache" / "servers").glob("*.json"):
+        with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
+            os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)  # servers we started
+    if saved is None:
+        os.environ.pop("LLMUDF_CACHE_DIR", None)
+    else:
+        os.environ["LLMUDF_CACHE_DIR"] = saved
+
+
+def config(env, **kw) -> Config:
+    kw = {"max_tokens": 6, "progress": False, "cache": False, **kw}
+    return Config(model=env["model"], engine=ENGINE, **kw)
+
+
+def rows(df) -> list[tuple]:
+    return [tuple(r) for r in df.collect()]
+
+
+@pytest.fixture(scope="module")
+def duckdb_answers(env):
+    con = llmudf.connect(config=config(env))
+    con.register("movies_df", env["movies"])
+    con.execute("CREATE TABLE movies AS SELECT * FROM movies_df")
+    return con.sql(QUERY).fetchall()
+
+
+def test_spark_sql_dataframe_and_duckdb_agree(env, duckdb_answers):
+    import llmudf.spark as lspark
+    from llmudf.spark import llm, llm_filter
+
+    spark = env["spark"]
+    assert len(duckdb_answers) > 10 and len({a for _, a, _ in duckdb_answers}) > 1
+    rewritten = rows(lspark.sql(spark, QUERY, config=config(env)))
+    assert rewritten == [tuple(r) for r in duckdb_answers]
+
+    per_batch = rows(lspark.sql(spark, QUERY, config=config(env, rewrite=False)))
+    assert per_batch == rewritten
+
+    cfg = config(env)
+    frame = (
+        spark.table("movies")
+        .where("Year >= 2005")
+        .select(
+            "ID",
+            llm("Describe the movie.", "Title", "Genre", config=cfg).alias("a"),
+            llm_filter("Is it a drama?", "Genre", config=cfg).alias("f"),
+        )
+        .orderBy("ID")
+    )
+    assert rows(frame) == rewritten
+
+
+def test_filter_in_where_matches_projection(env, duckdb_answers):
+    import llmudf.spark as lspark
+
+    query = (
+        "SELECT ID FROM movies WHERE Year >= 2005 AND llm_filter('Is it a drama?', Genre) "
+        "ORDER BY ID"
+    )
+    got = [r[0] for r in rows(lspark.sql(env["spark"], query, config=config(env)))]
+    assert got == [i for i, _, f in duckdb_answers if f]
+
+
+def test_killed_server_mid_query_still_returns_complete_answers(env, duckdb_answers):
+    from llmudf.engine.flight_client import FlightEngineClient, node_server
+
+    import llmudf.spark as lspark
+
+    state = node_server(env["model"], ENGINE)
+    killed = threading.Event()
+
+    def kill_when_busy() -> None:
+        client = FlightEngineClient(state["location"])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if client.action("stats")["num_running"] > 0:
+                    os.kill(state["pid"], signal.SIGKILL)
+                    killed.set()
+                    return
+            except Exception:
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    got = rows(lspark.sql(env["spark"], QUERY, config=config(env)))
+    killer.join()
+    assert killed.is_set()
+    assert got == [tuple(r) for r in duckdb_answers]
+    assert node_server(env["model"], ENGINE)["pid"] != state["pid"]  # a new server took over

@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+
+from llmudf.cache import ResultCache, cache_key
+from llmudf.prompt import ChatPrompt
+
+
+def test_key_covers_model_decoding_and_prompt():
+    base = cache_key("m", {"max_tokens": 8}, ChatPrompt("Q"))
+    assert base == cache_key("m", {"max_tokens": 8}, ChatPrompt("Q"))
+    assert base != cache_key("m2", {"max_tokens": 8}, ChatPrompt("Q"))
+    assert base != cache_key("m", {"max_tokens": 9}, ChatPrompt("Q"))
+    assert base != cache_key("m", {"max_tokens": 8}, ChatPrompt("Q "))
+    assert base != cache_key("m", {"max_tokens": 8}, ChatPrompt("Q", system=None))
+
+
+def test_put_get_clear(tmp_path):
+    cache = ResultCache(tmp_path)
+    cache.put_many({f"k{i}": f"v{i}" for i in range(1200)})  # more than one SQL batch
+    assert len(cache) == 1200
+    got = cache.get_many(["k0", "k1199", "missing"])
+    assert got == {"k0": "v0", "k1199": "v1199"}
+    cache.clear()
+    assert len(cache) == 0 and cache.get_many(["k0"]) == {}
+
+
+def test_a_failed_batch_leaves_no_entry(tmp_path):
+    cache = ResultCache(tmp_path)
+    with pytest.raises(Exception, match="NOT NULL"):
+        cache.put_many({"a": "1", "b": None})  # the second entry fails mid-transaction
+    assert cache.get_many(["a", "b"]) == {}
+
+
+def test_entries_are_shared_across_processes(tmp_path):
+    ResultCache(tmp_path).put_many({"here": "parent"})
+    code = (
+        "import sys; from llmudf.cache import ResultCache; c = ResultCache(sys.argv[1]); "
+        "print(c.get_many(['here'])['here']); c.put_many({'there': 'child'})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "parent"
+    assert ResultCache(tmp_path).get_many(["there"]) == {"there": "child"}
