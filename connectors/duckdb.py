@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import re
 import threading
 
 import duckdb
 import pyarrow as pa
+from llmudf.optimizer.explain import LLMExplain, explain_call
+from llmudf.optimizer.plan import PlanOptions, plan_call
+from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 from sqlglot import exp
 
 from llmudf.cache import open_cache
@@ -23,10 +27,8 @@ from llmudf.client import get_client
 from llmudf.config import Config
 from llmudf.executor import CallStats, run_call
 from llmudf.functions import FUNCTIONS, LLMCallError, bind_call, is_options
-from llmudf.optimizer.explain import LLMExplain, explain_call
-from llmudf.optimizer.plan import PlanOptions, plan_call
-from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 
+KEEP_ANSWER_TABLES = 16  # queries whose answer tables stay registered
 _LLM_CALL = re.compile(r"\bllm(_filter|_choice|_score|_json)?\s*\(", re.IGNORECASE)
 
 
@@ -104,6 +106,8 @@ class Connection:
         self.runtime = register(con, config)
         self.last_fallback: str | None = None
         self._names = itertools.count(1)
+        # answer tables of recent queries; a lazy relation may still read them
+        self._tables: collections.deque[list[str]] = collections.deque()
 
     @property
     def last_stats(self) -> list[CallStats]:
@@ -130,6 +134,7 @@ class Connection:
         rewrite = QueryRewrite(query, "duckdb")
         sites = []
         tokenize, render = _tokenizer(self.config)
+        self._tables.append([])
 
         def plan_only(site, args: pa.Table) -> str:
             instruction, fields = _site_inputs(site, args)
@@ -167,6 +172,10 @@ class Connection:
 
     def _prepare(self, query: str, has_params: bool) -> tuple[str, QueryRewrite | None]:
         self.runtime.stats.clear()
+        self._tables.append([])
+        while len(self._tables) > KEEP_ANSWER_TABLES:
+            for name in reversed(self._tables.popleft()):  # a JSON view before its table
+                self.con.execute(f"DROP VIEW IF EXISTS {name}")
         try:
             rewrite = QueryRewrite(query, "duckdb")
         except UnsupportedQuery as exc:
@@ -201,12 +210,15 @@ class Connection:
         name = f"__llm_answers_{next(self._names)}"
         if site.spec.function.sql_type == "JSON":
             self.con.register(f"{name}_raw", table)
+            self._tables[-1].append(f"{name}_raw")
             self.con.execute(
                 f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * REPLACE "
                 f"(CAST({ANSWER} AS JSON) AS {ANSWER}) FROM {name}_raw"
             )
+            self._tables[-1].append(name)
         else:
             self.con.register(name, table)
+            self._tables[-1].append(name)
         return name
 
     def _bind(self, run, rewrite: QueryRewrite | None):

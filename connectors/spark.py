@@ -137,10 +137,23 @@ def sql(spark, query: str, config: Config | None = None, **options):
         return name
 
     try:
-        final = rewrite.run(run_sql, answer)
+        rewrite.run(run_sql, answer)
     except UnsupportedQuery:
         return spark.sql(QueryRewrite(query, "spark").udf_sql())
-    return spark.sql(final)
+    return spark.sql(_answers_only(rewrite.tree).sql("spark"))
+
+
+def _answers_only(tree):
+    """Spark evaluates a Python UDF in every CASE branch, on every row: read the joined
+    answers directly instead of `CASE WHEN found THEN answer ELSE <udf> END`. The answers
+    cover every distinct argument tuple of the rows that reach each call."""
+    from sqlglot import exp
+
+    for case in list(tree.find_all(exp.Case)):
+        ifs = case.args.get("ifs") or []
+        if len(ifs) == 1 and isinstance(ifs[0].this, exp.Column) and ifs[0].this.name == FOUND:
+            case.replace(ifs[0].args["true"].copy())
+    return tree
 
 
 def register(spark, config: Config | None = None, **options) -> None:
@@ -231,7 +244,7 @@ def _fields_table(args: list, num_rows: int) -> pa.Table:
         frame = arg if isinstance(arg, pd.DataFrame) else arg.to_frame(f"field{i}")
         for column in frame.columns:
             names.append(str(column))
-            arrays.append(pa.array(frame[column].tolist()))
+            arrays.append(pa.Array.from_pandas(frame[column]))
     if not arrays:
         return pa.table({"_": pa.nulls(num_rows)}).drop_columns(["_"])
     return pa.Table.from_arrays(arrays, names=names)

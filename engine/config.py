@@ -10,6 +10,7 @@ import torch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_OVERFLOW_POLICIES = ("error", "truncate_left")
 SCHEDULE_POLICIES = ("dfs", "fcfs")
+CPU_KV_BYTES_CAP = 2 << 30
 
 
 @dataclass(slots=True)
@@ -24,7 +25,8 @@ class EngineConfig:
     torch attention gathers by slot, so small pages cost nothing) and 16 on CUDA.
 
     KV memory: `num_kv_pages` if given, else `kv_cache_bytes` if given, else
-    `kv_cache_fraction` of the device's free memory (host RAM on CPU).
+    `kv_cache_fraction` of the device's free memory; on CPU that share of host RAM is capped
+    at `CPU_KV_BYTES_CAP` (2 GiB), since host memory is shared with everything else.
 
     prompt_overflow: what to do with a prompt that leaves no room for generation within
     `max_model_len`: "error" (default; a ValueError naming both lengths) or "truncate_left"
@@ -40,7 +42,7 @@ class EngineConfig:
     page_size: int | None = None
     num_kv_pages: int | None = None
     kv_cache_bytes: int | None = None
-    kv_cache_fraction: float = 0.3
+    kv_cache_fraction: float = 0.8
     max_num_batched_tokens: int = 4096
     max_num_seqs: int = 256
     max_model_len: int | None = None

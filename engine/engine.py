@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from llmudf.engine.config import EngineConfig, free_device_memory
+from llmudf.engine.config import CPU_KV_BYTES_CAP, EngineConfig, free_device_memory
 from llmudf.engine.kv_pool import KVPool, KVShape
 from llmudf.engine.model_runner import ModelRunner, SampledToken
 from llmudf.engine.request import Output
@@ -98,6 +98,8 @@ class Engine:
             budget = config.kv_cache_bytes
             if budget is None:
                 budget = int(free_device_memory(self.device) * config.kv_cache_fraction)
+                if self.device.type == "cpu":
+                    budget = min(budget, CPU_KV_BYTES_CAP)
             max_pages = -(-self._model_max_len() // config.page_size) * config.max_num_seqs
             budget = min(budget, max_pages * shape.bytes_per_page(dtype))
             self.pool = KVPool.from_budget(shape, budget, self.device, dtype)
@@ -112,6 +114,7 @@ class Engine:
         self._seqs: dict[str, Seq] = {}
         self._streams: dict[str, StreamCallback] = {}
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
 
     # ---- the incremental API (the server's loop drives these) ----------------------------
 
@@ -267,7 +270,8 @@ class Engine:
             if trie is None:
                 trie = ChoiceTrie.build(params.choices, self.tokenizer.encode)
                 self._tries[params.choices] = trie
-        seq = Seq(request_id, len(self._seqs), ids, params, self.max_len, trie and trie.root)
+        arrival = next(self._arrivals)
+        seq = Seq(request_id, arrival, ids, params, self.max_len, trie and trie.root)
         self._seqs[request_id] = seq
         if stream is not None:
             self._streams[request_id] = stream

@@ -88,34 +88,32 @@ def store_kv(
 class _Prefill:
     q_start: int
     q_len: int
-    slots: torch.Tensor  # [L] flat KV slots of positions 0..L-1
-    mask: torch.Tensor | None  # [G*q_len, L] bool, True = attend; None: plain causal, G == 1
+    k_len: int
+    pages: torch.Tensor  # [ceil(k_len / page_size)] page ids
+    mask: torch.Tensor | None  # [G*q_len, k_len] bool, True = attend; None: plain causal, G == 1
 
 
 @dataclass
 class _TorchPlan:
-    """Index tensors shared by all layers of one step (built once from the metadata)."""
+    """Index tensors shared by all layers of one step (built once from the metadata). K/V are
+    gathered a whole page at a time, which copies far faster than token by token."""
 
     decode_rows: torch.Tensor | None  # [Bd] flat-batch rows of single-token sequences
-    decode_slots: torch.Tensor | None  # [Bd, Lmax] flat KV slots, padded with slot 0
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool, None when all lengths equal
+    decode_pages: torch.Tensor | None  # [Bd, max_pages] page ids (padding pages are masked)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_pages * page_size] bool, True = attend
     prefills: list[_Prefill]
-
-
-def _slots_of(block_table: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
-    pos = torch.arange(length, device=block_table.device)
-    return block_table[pos // page_size].long() * page_size + pos % page_size
 
 
 def _plan(meta: AttentionMetadata, page_size: int, group: int) -> _TorchPlan:
     cu = meta.cu_seqlens_q.tolist()
     seq_lens = meta.seq_lens.tolist()
     device = meta.block_tables.device
-    decodes = [b for b in range(len(seq_lens)) if cu[b + 1] - cu[b] == 1]
-    prefills = []
-    for b in range(len(seq_lens)):
-        q_len, k_len = cu[b + 1] - cu[b], seq_lens[b]
+    tables = meta.block_tables.long()
+    decodes, prefills = [], []
+    for b, k_len in enumerate(seq_lens):
+        q_len = cu[b + 1] - cu[b]
         if q_len == 1:
+            decodes.append(b)
             continue
         mask = None
         if q_len != k_len or group > 1:
@@ -123,21 +121,16 @@ def _plan(meta: AttentionMetadata, page_size: int, group: int) -> _TorchPlan:
             q_pos = torch.arange(k_len - q_len, k_len, device=device)
             mask = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
             mask = mask.repeat(group, 1)
-        slots = _slots_of(meta.block_tables[b], k_len, page_size)
-        prefills.append(_Prefill(cu[b], q_len, slots, mask))
+        pages = tables[b, : -(-k_len // page_size)]
+        prefills.append(_Prefill(cu[b], q_len, k_len, pages, mask))
     if not decodes:
         return _TorchPlan(None, None, None, prefills)
-    lens = [seq_lens[b] for b in decodes]
-    max_len = max(lens)
-    slots = torch.stack(
-        [F.pad(_slots_of(meta.block_tables[b], n, page_size), (0, max_len - n)) for b, n in zip(decodes, lens, strict=True)]
-    )
-    mask = None
-    if min(lens) != max_len:
-        lens_t = torch.tensor(lens, device=device)
-        mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+    lens = torch.tensor([seq_lens[b] for b in decodes], device=device)
+    max_pages = -(-int(lens.max()) // page_size)
     rows = torch.tensor([cu[b] for b in decodes], device=device)
-    return _TorchPlan(rows, slots, mask, prefills)
+    pages = tables[torch.tensor(decodes, device=device), :max_pages]
+    mask = torch.arange(max_pages * page_size, device=device)[None, :] < lens[:, None]
+    return _TorchPlan(rows, pages, mask[:, None, None, :], prefills)
 
 
 def paged_attention(
@@ -162,24 +155,26 @@ def paged_attention(
     if meta._plan is None:
         meta._plan = _plan(meta, page_size, group)
     plan = meta._plan
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     out = torch.empty_like(q)
     if plan.decode_rows is not None:
-        num_seqs = plan.decode_rows.numel()
+        num_seqs, max_pages = plan.decode_pages.shape
         qd = q[plan.decode_rows].view(num_seqs, num_kv_heads, group, head_dim)
-        kd = k_flat[plan.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
-        vd = v_flat[plan.decode_slots].transpose(1, 2)
+        shape = (num_seqs, max_pages * page_size, num_kv_heads, head_dim)
+        kd = k_cache[plan.decode_pages].view(shape).transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+        vd = v_cache[plan.decode_pages].view(shape).transpose(1, 2)
         od = F.scaled_dot_product_attention(
             qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=plan.decode_mask, scale=scale
         )
         out[plan.decode_rows] = od.reshape(num_seqs, num_heads, head_dim)
     for p in plan.prefills:
-        # [q_len, Hkv*G, D] -> [Hkv, G*q_len, D]: rows of one KV head's group stacked
+        # [q_len, Hkv*G, D] -> [1, Hkv, G*q_len, D]: rows of one KV head's group stacked
+        # (4-D inputs keep SDPA on its fused CPU kernel; 3-D ones fall back to the math path)
         qp = q[p.q_start : p.q_start + p.q_len].view(p.q_len, num_kv_heads, group, head_dim)
-        qp = qp.permute(1, 2, 0, 3).reshape(num_kv_heads, group * p.q_len, head_dim)
-        kp = k_flat[p.slots].transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
-        vp = v_flat[p.slots].transpose(0, 1).to(q.dtype)
+        qp = qp.permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * p.q_len, head_dim)
+        kp = k_cache[p.pages].view(-1, num_kv_heads, head_dim)[: p.k_len]
+        vp = v_cache[p.pages].view(-1, num_kv_heads, head_dim)[: p.k_len]
+        kp = kp.transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, L, D]
+        vp = vp.transpose(0, 1)[None].to(q.dtype)
         op = F.scaled_dot_product_attention(
             qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, scale=scale
         )

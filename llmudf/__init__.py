@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "connect": "llmudf.connectors.duckdb",
     "register": "llmudf.connectors.duckdb",
+    "Config": "llmudf.config",
+    "LLMCallError": "llmudf.functions",
     "Engine": "llmudf.engine.engine",
     "EngineConfig": "llmudf.engine.config",
     "SamplingParams": "llmudf.engine.sampling",

@@ -1,8 +1,8 @@
 """The `llmudf` command: generate, sql, demo (and serve, when the engine server is installed).
 
-    llmudf generate                  answer a few prompts about movies, print engine statistics
-    llmudf sql "SELECT ..." [--db FILE] [--model PATH]
-    llmudf demo                      LLM queries over the bundled movies tables
+llmudf generate                  answer a few prompts about movies, print engine statistics
+llmudf sql "SELECT ..." [--db FILE] [--model PATH]
+llmudf demo                      LLM queries over the bundled movies tables
 """
 
 from __future__ import annotations

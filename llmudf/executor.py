@@ -4,8 +4,9 @@ optimizer plan -> result-cache lookup -> one engine batch -> cache fill -> parse
 >>> import pyarrow as pa
 >>> spec = bind_call("llm_filter")
 >>> rows = pa.table({"title": ["Up", "Up", "Heat"]})
->>> result = run_call(spec, "Is it animated?", rows, Config(), get_client(Config()))  # doctest: +SKIP
->>> result.answers.to_pylist(), result.stats.num_requests                            # doctest: +SKIP
+>>> client = get_client(Config())                                  # doctest: +SKIP
+>>> result = run_call(spec, "Is it animated?", rows, Config(), client)  # doctest: +SKIP
+>>> result.answers.to_pylist(), result.stats.num_requests          # doctest: +SKIP
 ([True, True, False], 2)
 """
 
@@ -143,8 +144,11 @@ def _sampling_params(decoding: dict):
 
 def _without_all_null_columns(fields: pa.Table) -> pa.Table:
     """Drop columns with no value: a NULL field's line is left out of the prompt anyway."""
-    empty = [c for c, col in zip(fields.column_names, fields.columns, strict=True)
-             if col.null_count == len(col)]
+    empty = [
+        c
+        for c, col in zip(fields.column_names, fields.columns, strict=True)
+        if col.null_count == len(col)
+    ]
     return fields.drop_columns(empty) if empty and fields.num_rows else fields
 
 

@@ -3,7 +3,7 @@
 Quiet unless stderr is a terminal and the Config asks for it, so scripts, tests and
 notebooks piped to files print nothing.
 
->>> with BatchProgress("llm #1", num_rows=10, num_prompts=4, num_cache_hits=1, enabled=False) as bar:
+>>> with BatchProgress("llm #1", 10, num_prompts=4, num_cache_hits=1, enabled=False) as bar:
 ...     bar.advance(3)
 """
 

@@ -70,8 +70,9 @@ def _run(make_config, sql: str, **options):
 
 @pytest.mark.parametrize("sql", SHAPES)
 def test_whole_query_path_equals_per_chunk_path(make_config, sql):
-    naive, _s, why = _run(make_config, sql, cache=False, rewrite=False, dedup=False,
-                          reorder_rows=False)
+    naive, _s, why = _run(
+        make_config, sql, cache=False, rewrite=False, dedup=False, reorder_rows=False
+    )
     assert why == "rewrite off"
     optimized, stats, fallback = _run(make_config, sql, cache=False)
     assert fallback is None

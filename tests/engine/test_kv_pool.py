@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.kv_pool import KVPool, KVShape
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
-
-from llmudf.engine.sampling import ChoiceTrie, SamplingParams, Sampler, allowed_tokens
+from llmudf.engine.sampling import ChoiceTrie, Sampler, SamplingParams, allowed_tokens
 
 GREEDY = SamplingParams()
 
@@ -12,9 +11,7 @@ def logits_batch(rows=4, vocab=50, seed=0):
 
 def sample(logits, params, generators=None, allowed=None):
     n = logits.shape[0]
-    tokens, _ = Sampler().sample(
-        logits, params, generators or [None] * n, allowed or [None] * n
-    )
+    tokens, _ = Sampler().sample(logits, params, generators or [None] * n, allowed or [None] * n)
     return tokens.tolist()
 
 

@@ -28,7 +28,7 @@ def run(sched, on_step=None):
             on_step(batch)
         sampling = [
             s
-            for s, n in zip(batch.seqs, batch.num_new_tokens)
+            for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
             if s.num_computed_tokens + n == len(s)
         ]
         sched.commit(batch)
@@ -53,7 +53,10 @@ def test_token_budget_chunks_prefill_and_mixes_in_decodes():
     sched.add(seq("long", list(range(10, 40))))
     steps = []
     out = run(
-        sched, lambda b: steps.append({s.request_id: n for s, n in zip(b.seqs, b.num_new_tokens)})
+        sched,
+        lambda b: steps.append(
+            {s.request_id: n for s, n in zip(b.seqs, b.num_new_tokens, strict=True)}
+        ),
     )
     assert all(sum(step.values()) <= 8 for step in steps)
     assert steps[0] == {"short": 2, "long": 6}  # admitted in token order; long is chunked

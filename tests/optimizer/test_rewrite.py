@@ -11,9 +11,9 @@ import hashlib
 import duckdb
 import pyarrow as pa
 import pytest
+from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 
 from llmudf.functions import FUNCTIONS
-from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 from llmudf.prompt import render_fields
 
 
@@ -89,8 +89,8 @@ def _rewritten(con, sql: str, assume_pass: bool = False):
         instructions = [instr] * args.num_rows if isinstance(instr, str) else next(columns)
         values = {}
         for name, value in site.fields:
-            values[name] = next(columns).to_pylist() if hasattr(value, "sql") else [value] * len(
-                args
+            values[name] = (
+                next(columns).to_pylist() if hasattr(value, "sql") else [value] * len(args)
             )
         answers = [
             _oracle(site.name, str(instructions[i]), [(n, v[i]) for n, v in values.items()])
@@ -144,7 +144,7 @@ def test_rewrite_returns_what_the_udf_path_returns(con, sql):
 def test_rows_are_deduplicated_and_filters_pushed_below(con):
     sql = "SELECT id FROM movies WHERE year > 1990 AND llm_filter('Kids?', title, rating)"
     _final, sent = _rewritten(con, sql)
-    (site, num_distinct), = sent
+    ((site, num_distinct),) = sent
     assert (site.num_rows, num_distinct) == (7, 5)  # Up x2, Heat x2 among 7 rows after 1990
     assert site.pushed == ["filter year > 1990"]
 
@@ -162,7 +162,7 @@ def test_second_llm_filter_sees_only_survivors_of_the_first(con):
 
 def test_limit_is_pushed_below_the_select_call(con):
     _final, sent = _rewritten(con, "SELECT id, llm('S', title) FROM movies ORDER BY id LIMIT 3")
-    (site, num_distinct), = sent
+    ((site, num_distinct),) = sent
     assert (site.num_rows, num_distinct) == (3, 2)  # Up, Heat, Up
     assert site.pushed == ["limit 3"]
 
@@ -183,12 +183,17 @@ def test_canonical_form_names_fields(con):
 
 def test_spark_dialect_renders_the_same_plan():
     rewrite = QueryRewrite("SELECT llm('S', title) FROM movies WHERE year > 1990", "spark")
-    assert rewrite.udf_sql() == "SELECT LLM('S', STRUCT(title AS `title`)) FROM movies WHERE year > 1990"
+    assert (
+        rewrite.udf_sql()
+        == "SELECT LLM('S', STRUCT(title AS `title`)) FROM movies WHERE year > 1990"
+    )
 
 
 def test_unsupported_shapes_say_so(con):
     with pytest.raises(UnsupportedQuery, match="JOIN"):
-        _rewritten(con, "SELECT 1 FROM movies m JOIN reviews r ON llm_filter('Same?', title, review)")
+        _rewritten(
+            con, "SELECT 1 FROM movies m JOIN reviews r ON llm_filter('Same?', title, review)"
+        )
     with pytest.raises(UnsupportedQuery, match="without FROM"):
         _rewritten(con, "SELECT llm('Hi')")
 

@@ -1,0 +1,242 @@
+"""The engine end to end on tiny random-init models (and one slow test on the real model)."""
+
+import pyarrow as pa
+import pytest
+import torch
+from llmudf.engine.config import EngineConfig
+from llmudf.engine.engine import Engine
+from llmudf.engine.sampling import SamplingParams
+from llmudf.engine.weights import load_model
+
+from llmudf.prompt import ChatPrompt
+
+GREEDY8 = SamplingParams(max_tokens=8, logprobs=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def make_engine(tiny, **cfg):
+    cfg.setdefault("device", "cpu")
+    cfg.setdefault("num_kv_pages", 256)
+    return Engine.from_model(*tiny, EngineConfig(**cfg))
+
+
+def prompts(n=12):
+    """Chat prompts sharing a system prompt and, in groups, longer instructions."""
+    questions = ["Is it a comedy?", "Is it a drama about a family?", "What year?"]
+    return [
+        ChatPrompt(f"{questions[i % 3]}\n\ntitle: Movie {i * 7 % 11}\nyear: {1990 + i}")
+        for i in range(n)
+    ]
+
+
+def answers(outputs):
+    return [o.token_ids for o in outputs]
+
+
+def assert_same(outs, ref):
+    assert answers(outs) == answers(ref)
+    for a, b in zip(outs, ref, strict=True):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Each prompt alone, no cache, one sequence at a time: the plain answer."""
+    engine = make_engine(tiny, enable_prefix_cache=False, max_num_seqs=1)
+    return engine.generate(prompts(), GREEDY8)
+
+
+def test_matches_transformers_greedy(tiny_model_dir, tiny, reference):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = tiny[2]
+    for prompt, out in zip(prompts()[:3], reference, strict=False):
+        ids = tokenizer.encode(tokenizer.apply_chat_template(prompt.messages()))
+        expected = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            # the engine never samples ids the tokenizer cannot decode (the tiny model pads its
+            # vocab past the tokenizer's)
+            suppress_tokens=list(range(tokenizer.vocab_size, hf.config.vocab_size)),
+        )[0, len(ids) :].tolist()
+        assert out.token_ids == expected
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(enable_prefix_cache=True),
+        dict(enable_prefix_cache=True, page_size=4),
+        dict(enable_prefix_cache=True, max_num_batched_tokens=37),  # chunked prefill
+        dict(enable_prefix_cache=True, schedule_policy="fcfs", max_num_seqs=3),
+        dict(enable_prefix_cache=False, max_num_batched_tokens=64, page_size=8),
+    ],
+    ids=["cache", "cache-page4", "cache-chunked", "cache-fcfs", "nocache-chunked"],
+)
+def test_answers_and_logprobs_do_not_depend_on_cache_or_batching(tiny, reference, cfg):
+    engine = make_engine(tiny, **cfg)
+    outs = engine.generate(prompts(), GREEDY8)
+    assert_same(outs, reference)
+    if cfg["enable_prefix_cache"]:
+        assert engine.stats.prefix_hit_rate > 0.5
+        assert all(o.num_cached_tokens > 0 for o in outs[1:])
+    else:
+        assert engine.stats.num_cached_tokens == 0
+    again = engine.generate(prompts()[::-1], GREEDY8)  # other order, warm cache
+    assert_same(again[::-1], reference)
+
+
+def test_kv_pressure_preempts_but_answers_stay_the_same(tiny, reference):
+    # 12 requests of ~130 tokens in a pool of 300 token slots
+    engine = make_engine(tiny, num_kv_pages=75, page_size=4)
+    outs = engine.generate(prompts(), GREEDY8)
+    assert_same(outs, reference)
+    assert engine.stats.num_preemptions > 0
+    pool = engine.pool
+    engine.scheduler.cache.evict(pool.num_pages)
+    assert pool.num_free_pages == pool.num_pages
+
+
+def test_outputs_and_stats(tiny, reference):
+    engine = make_engine(tiny)
+    outs = engine.generate(prompts(), SamplingParams(max_tokens=8))
+    assert [o.request_id for o in outs] == [str(i) for i in range(12)]
+    tokenizer = tiny[2]
+    for o in outs:
+        assert o.finish_reason == "length" and o.num_generated_tokens == 8
+        assert o.text == tokenizer.decode(o.token_ids)
+        assert o.logprobs is None
+    stats = engine.stats
+    assert stats.num_requests == 12
+    assert stats.num_prompt_tokens == sum(o.num_prompt_tokens for o in outs)
+    assert stats.num_cached_tokens == sum(o.num_cached_tokens for o in outs)
+    assert stats.num_forward_tokens < stats.num_prompt_tokens + stats.num_generated_tokens
+    assert stats.tokens_per_s > 0
+
+
+def test_prompt_kinds_agree(tiny, reference):
+    engine = make_engine(tiny)
+    tokenizer = tiny[2]
+    chats = prompts()[:3]
+    texts = [tokenizer.apply_chat_template(p.messages()) for p in chats]
+    ids = [tokenizer.encode(t) for t in texts]
+    table = pa.table({"user": [p.user for p in chats], "system": [p.system for p in chats]})
+    for kind in (texts, ids, table, pa.table({"prompt": texts})):
+        assert answers(engine.generate(kind, GREEDY8)) == answers(reference[:3])
+
+
+def test_choices_constrain_the_answer(tiny):
+    engine = make_engine(tiny)
+    choices = ["yes", "no", "not sure"]
+    outs = engine.generate(prompts(6), SamplingParams(choices=choices))
+    assert all(o.text in choices and o.finish_reason == "stop" for o in outs)
+    scores = engine.generate(prompts(6), SamplingParams(choices=["1", "2", "3", "4", "5"]))
+    assert all(o.text in "12345" for o in scores)
+    sampled = [
+        engine.generate(prompts(2), SamplingParams(choices=choices, temperature=1.0, seed=s))
+        for s in (3, 3)
+    ]
+    assert [o.text for o in sampled[0]] == [o.text for o in sampled[1]]
+
+
+def test_stop_strings_eos_and_stream(tiny, reference):
+    engine = make_engine(tiny)
+    tokenizer = tiny[2]
+    full = reference[0]
+    stop = tokenizer.decode(full.token_ids[2:4])
+    out = engine.generate(prompts(1), SamplingParams(max_tokens=8, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert (
+        out.text == tokenizer.decode(full.token_ids)[: tokenizer.decode(full.token_ids).find(stop)]
+    )
+    first = full.token_ids[0]
+    out = engine.generate(prompts(1), SamplingParams(max_tokens=8, stop_token_ids=[first]))[0]
+    assert (out.finish_reason, out.token_ids, out.text) == ("stop", [], "")
+    streamed = []
+    rid = engine.add_request(prompts(1)[0], GREEDY8, stream=lambda r, t: streamed.append((r, t)))
+    done = []
+    while engine.num_unfinished:
+        done += engine.step()
+    assert [t for _, t in streamed] == full.token_ids == done[0].token_ids
+    assert {r for r, _ in streamed} == {rid}
+
+
+def test_incremental_api_and_abort(tiny, reference):
+    engine = make_engine(tiny)
+    ids = [engine.add_request(p, GREEDY8, request_id=f"q{i}") for i, p in enumerate(prompts(4))]
+    assert engine.num_unfinished == 4
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(prompts(1)[0], GREEDY8, request_id="q0")
+    engine.step()
+    engine.abort("q1")
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.generate(prompts(1))
+    done = {}
+    while engine.num_unfinished:
+        done.update((o.request_id, o) for o in engine.step())
+    assert sorted(done) == ["q0", "q2", "q3"]
+    assert [done[i].token_ids for i in ("q0", "q2", "q3")] == answers(
+        [reference[i] for i in (0, 2, 3)]
+    )
+    assert ids == ["q0", "q1", "q2", "q3"]
+
+
+def test_bad_input_errors(tiny):
+    engine = make_engine(tiny, max_model_len=64)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate(["hi", ""])
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([[1, 10**6]])
+    with pytest.raises(ValueError, match="has 100 tokens but the context holds 64"):
+        engine.generate(["x" * 100])
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        engine.generate(["hi"], [SamplingParams(), SamplingParams()])
+    with pytest.raises(TypeError, match="list of prompts"):
+        engine.generate("hi")
+    with pytest.raises(TypeError, match="prompt 0 is a dict"):
+        engine.generate([{"user": "hi"}])
+    with pytest.raises(ValueError, match="'prompt' or 'user' column"):
+        engine.generate(pa.table({"text": ["hi"]}))
+    assert engine.num_unfinished == 0  # nothing half-queued
+    out = engine.generate(["x" * 100], SamplingParams(max_tokens=4, truncate_left=True))[0]
+    assert out.num_prompt_tokens == 60 and out.num_generated_tokens == 4
+    trunc = make_engine(tiny, max_model_len=64, prompt_overflow="truncate_left")
+    out = trunc.generate(["y" * 100], SamplingParams(max_tokens=70))[0]
+    assert out.num_prompt_tokens == 1 and out.finish_reason == "length"
+    assert out.num_prompt_tokens + out.num_generated_tokens == 64
+
+
+def test_bad_model_path():
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        Engine(EngineConfig(model="/nonexistent/model", device="cpu"))
+
+
+@pytest.mark.slow
+def test_default_model_greedy_answers_do_not_depend_on_the_cache():
+    from llmudf.prompt import render_user_message
+
+    model = load_model(None)
+    rows = [("Up", 2009, "Animation"), ("Heat", 1995, "Crime"), ("Up", 2009, "Comedy")]
+    chats = [
+        ChatPrompt(render_user_message(q, [("title", t), ("year", y), ("genre", g)]))
+        for q in ("Is this movie for kids? Answer yes or no.", "Name its director.")
+        for t, y, g in rows
+    ]
+    params = SamplingParams(max_tokens=6)
+    cached = Engine.from_model(*model, EngineConfig(kv_cache_bytes=2**28, page_size=1))
+    plain = Engine.from_model(
+        *model, EngineConfig(kv_cache_bytes=2**28, enable_prefix_cache=False, max_num_seqs=1)
+    )
+    with_cache = cached.generate(chats, params)
+    assert [o.text for o in with_cache] == [o.text for o in plain.generate(chats, params)]
+    assert cached.stats.prefix_hit_rate > 0.3
+    assert all(o.text.lower().startswith(("yes", "no")) for o in with_cache[:3])
