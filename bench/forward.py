@@ -14,7 +14,6 @@ import json
 import time
 
 import torch
-
 from llmudf.engine.weights import load_model, resolve_model_dir
 from llmudf.kernels import AttentionMetadata
 
@@ -54,7 +53,9 @@ def main() -> None:
     last_rows = torch.arange(args.seqs) * args.tokens + args.tokens - 1
 
     def ours_prefill():
-        meta = AttentionMetadata.build([args.tokens] * args.seqs, [args.tokens] * args.seqs, tables, page_size)
+        meta = AttentionMetadata.build(
+            [args.tokens] * args.seqs, [args.tokens] * args.seqs, tables, page_size
+        )
         positions = torch.arange(args.tokens).repeat(args.seqs)
         hidden = model(ids.flatten(), positions, meta, kv_caches)
         return model.compute_logits(hidden[last_rows])
@@ -85,17 +86,30 @@ def main() -> None:
         t_ours_prefill, t_hf_prefill = best_of([ours_prefill, hf_prefill], args.repeats)
         t_ours_decode, t_hf_decode = best_of([ours_decode, hf_decode], args.repeats * 3)
     tokens = args.seqs * args.tokens
-    print(f"prefill {args.seqs}x{args.tokens}: ours {t_ours_prefill:.3f}s ({tokens / t_ours_prefill:.0f} tok/s)"
-          f"  transformers {t_hf_prefill:.3f}s  ratio {t_hf_prefill / t_ours_prefill:.2f}x")
-    print(f"decode  {args.seqs} seqs at {args.tokens}: ours {t_ours_decode * 1e3:.1f}ms"
-          f"  transformers {t_hf_decode * 1e3:.1f}ms  ratio {t_hf_decode / t_ours_decode:.2f}x")
-    print(json.dumps({
-        "seqs": args.seqs, "tokens": args.tokens, "threads": torch.get_num_threads(),
-        "prefill_s_ours": round(t_ours_prefill, 4), "prefill_s_hf": round(t_hf_prefill, 4),
-        "prefill_speedup": round(t_hf_prefill / t_ours_prefill, 3),
-        "decode_ms_ours": round(t_ours_decode * 1e3, 2), "decode_ms_hf": round(t_hf_decode * 1e3, 2),
-        "decode_speedup": round(t_hf_decode / t_ours_decode, 3),
-    }))
+    print(
+        f"prefill {args.seqs}x{args.tokens}: ours {t_ours_prefill:.3f}s "
+        f"({tokens / t_ours_prefill:.0f} tok/s)"
+        f"  transformers {t_hf_prefill:.3f}s  ratio {t_hf_prefill / t_ours_prefill:.2f}x"
+    )
+    print(
+        f"decode  {args.seqs} seqs at {args.tokens}: ours {t_ours_decode * 1e3:.1f}ms"
+        f"  transformers {t_hf_decode * 1e3:.1f}ms  ratio {t_hf_decode / t_ours_decode:.2f}x"
+    )
+    print(
+        json.dumps(
+            {
+                "seqs": args.seqs,
+                "tokens": args.tokens,
+                "threads": torch.get_num_threads(),
+                "prefill_s_ours": round(t_ours_prefill, 4),
+                "prefill_s_hf": round(t_hf_prefill, 4),
+                "prefill_speedup": round(t_hf_prefill / t_ours_prefill, 3),
+                "decode_ms_ours": round(t_ours_decode * 1e3, 2),
+                "decode_ms_hf": round(t_hf_decode * 1e3, 2),
+                "decode_speedup": round(t_hf_decode / t_ours_decode, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -47,16 +47,30 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.family not in ARCHITECTURES:
-            raise ValueError(f"unsupported model family {self.family!r}; supported: {list(ARCHITECTURES)}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "max_position_embeddings"):
+            raise ValueError(
+                f"unsupported model family {self.family!r}; supported: {list(ARCHITECTURES)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+            raise ValueError(
+                f"unsupported rope scaling {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}"
+            )
         self.eos_token_ids = tuple(self.eos_token_ids)
         self.rope_scaling = dict(self.rope_scaling) if self.rope_scaling else None  # own copy
 
@@ -72,8 +86,12 @@ class ModelConfig:
             )
         if config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}; expected 'silu'")
-        if family in ("llama", "mistral") and (config.get("attention_bias") or config.get("mlp_bias")):
-            raise ValueError("Llama/Mistral models with attention_bias or mlp_bias are not supported")
+        if family in ("llama", "mistral") and (
+            config.get("attention_bias") or config.get("mlp_bias")
+        ):
+            raise ValueError(
+                "Llama/Mistral models with attention_bias or mlp_bias are not supported"
+            )
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or config.get("rope_theta") or 10000.0
         if "type" in rope and "rope_type" not in rope:  # the oldest spelling
@@ -100,7 +118,8 @@ class ModelConfig:
             rope_scaling=scaling,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
-            qkv_bias=family == "qwen2" or (family == "qwen3" and config.get("attention_bias", False)),
+            qkv_bias=family == "qwen2"
+            or (family == "qwen3" and config.get("attention_bias", False)),
             qk_norm=family == "qwen3",
             max_position_embeddings=max_pos,
             bos_token_id=config.get("bos_token_id"),

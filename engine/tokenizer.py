@@ -70,6 +70,7 @@ class Tokenizer:
     def token_strings(self) -> list[str]:
         """The decoded text of every token id (special tokens as ''), for constrained decoding."""
         special = set(self.hf.all_special_ids)
+        special.update(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
         return [
             "" if i in special else self._backend.decode([i], skip_special_tokens=False)
             for i in range(self.vocab_size)

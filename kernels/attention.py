@@ -48,14 +48,19 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Metadata from plain lists: new tokens and context length per sequence, page ids."""
         if not (len(query_lens) == len(seq_lens) == len(block_tables)):
-            raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
+            raise ValueError(
+                "query_lens, seq_lens and block_tables must have one entry per sequence"
+            )
         slots: list[int] = []
         for q_len, k_len, pages in zip(query_lens, seq_lens, block_tables, strict=True):
             if not 0 < q_len <= k_len:
                 raise ValueError(f"need 0 < query_len <= seq_len, got {q_len} and {k_len}")
             if len(pages) * page_size < k_len:
                 raise ValueError(f"{len(pages)} pages of {page_size} cannot hold {k_len} tokens")
-            slots += [pages[p // page_size] * page_size + p % page_size for p in range(k_len - q_len, k_len)]
+            slots += [
+                pages[p // page_size] * page_size + p % page_size
+                for p in range(k_len - q_len, k_len)
+            ]
         max_pages = max(len(p) for p in block_tables)
         table = [p + [0] * (max_pages - len(p)) for p in block_tables]
         cu = [0]

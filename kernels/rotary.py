@@ -19,7 +19,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     inv_freq = 1.0 / (theta**exponents)
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+        raise ValueError(
+            f"unsupported rope scaling {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}"
+        )
     if rope_type == "linear":
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":

@@ -64,7 +64,11 @@ def build_model(
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                values = torch.ones(param.shape) if name.endswith("norm.weight") else torch.randn(param.shape, generator=gen) * 0.02
+                values = (
+                    torch.ones(param.shape)
+                    if name.endswith("norm.weight")
+                    else torch.randn(param.shape, generator=gen) * 0.02
+                )
                 param.copy_(values)
     model.reset_rotary()
     return model.eval().requires_grad_(False)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from llmudf.engine.models import tiny_config
 
 CHATML = (
@@ -41,12 +40,17 @@ def write_tiny_tokenizer(folder: Path) -> None:
     raw.decoder = decoders.ByteLevel()
     raw.add_special_tokens(SPECIALS)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML
+        tokenizer_object=raw,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML,
     )
     hf.save_pretrained(folder)
 
 
-def write_tiny_model(folder: Path, family: str, seed: int, tokenizer_dir: Path, **overrides) -> None:
+def write_tiny_model(
+    folder: Path, family: str, seed: int, tokenizer_dir: Path, **overrides
+) -> None:
     """Save a transformers model of the tiny config with random weights large enough that every
     parameter (norm weights and biases included) changes the logits."""
     import shutil

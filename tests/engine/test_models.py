@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from llmudf.engine.models import LlamaForCausalLM, build_model, tiny_config
 from llmudf.engine.weights import load_model
 from llmudf.kernels import AttentionMetadata
@@ -14,7 +13,9 @@ class PagedSequences:
         shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         self.model, self.page_size = model, page_size
         self.kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
-        self.free_pages = torch.randperm(num_pages, generator=torch.Generator().manual_seed(0)).tolist()
+        self.free_pages = torch.randperm(
+            num_pages, generator=torch.Generator().manual_seed(0)
+        ).tolist()
         self.lengths: dict[int, int] = {}
         self.pages: dict[int, list[int]] = {}
 
@@ -47,9 +48,16 @@ VARIANTS = {
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
     "llama3-rope": (
         "llama",
-        {"rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-         "rope_theta": 500000.0},
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            "rope_theta": 500000.0,
+        },
     ),
     "mistral": ("mistral", {}),
     "qwen2-bias": ("qwen2", {}),
@@ -136,13 +144,17 @@ def test_default_model_matches_transformers_and_answers(default_model_dir):
 
     model, config, tokenizer = load_model()
     assert (config.family, config.num_layers, config.tie_word_embeddings) == ("llama", 30, True)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
     ids = tokenizer.encode(text)
     reference = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         runner = PagedSequences(model, page_size=16, num_pages=8)
         ours = runner.step({0: ids})[0]
-        torch.testing.assert_close(ours, reference(torch.tensor([ids])).logits[0], atol=5e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours, reference(torch.tensor([ids])).logits[0], atol=5e-4, rtol=1e-4
+        )
         answer = [int(ours[-1].argmax())]
         while len(answer) < 12 and answer[-1] not in tokenizer.eos_token_ids:
             answer.append(int(runner.step({0: answer[-1:]})[0][-1].argmax()))

@@ -4,7 +4,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from llmudf.engine.models import tiny_config
 from llmudf.engine.weights import _undo_rotary_permute, load_model
 
@@ -12,7 +11,11 @@ from llmudf.engine.weights import _undo_rotary_permute, load_model
 def llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """What llama.cpp's convert_hf_to_gguf.py does to q/k rows of Llama models."""
     rows = weight.shape[0]
-    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def test_missing_path_names_the_path(tmp_path):
@@ -34,7 +37,9 @@ def test_folder_without_config(tmp_path):
 def test_folder_without_weights(tmp_path, tiny_model_dir):
     shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors weights in .*pytorch_model\.bin"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no \*\.safetensors weights in .*pytorch_model\.bin"
+    ):
         load_model(tmp_path)
 
 
@@ -43,7 +48,10 @@ def test_folder_without_weights(tmp_path, tiny_model_dir):
     [
         ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
         ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "unsupported rope scaling 'yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+            "unsupported rope scaling 'yarn'",
+        ),
         ({"num_key_value_heads": 3}, "not a multiple"),
     ],
 )
@@ -67,7 +75,9 @@ def test_missing_or_misshapen_tensor(tmp_path, tiny_model_dir):
         load_model(tmp_path / "m")
     tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(3, 64)
     save_file(tensors, tmp_path / "m" / "model.safetensors")
-    with pytest.raises(ValueError, match=r"k_proj.weight' has shape \(3, 64\), expected \(32, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"k_proj.weight' has shape \(3, 64\), expected \(32, 64\)"
+    ):
         load_model(tmp_path / "m")
 
 
@@ -82,7 +92,9 @@ def test_sharded_safetensors_load_the_same_weights(tmp_path, make_tiny_model_dir
         shutil.copy(f, tmp_path / f.name)
     whole, _, _ = load_model(folder)
     sharded, _, _ = load_model(tmp_path)
-    for (name, a), (_, b) in zip(whole.state_dict().items(), sharded.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        whole.state_dict().items(), sharded.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -121,15 +133,22 @@ def write_gguf(path, hf_folder, tokenizer_dir):
     writer.add_token_merges(["Ġ Ġ"])
     writer.add_eos_token_id(2)
     writer.add_bos_token_id(1)
-    writer.add_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get("chat_template") or (tokenizer_dir / "chat_template.jinja").read_text())
+    writer.add_chat_template(
+        json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get("chat_template")
+        or (tokenizer_dir / "chat_template.jinja").read_text()
+    )
     names = {v: k for k, v in {**_layer_names(cfg.num_layers), **_global_names()}.items()}
     for name, tensor in load_file(hf_folder / "model.safetensors").items():
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            tensor = llama_cpp_permute(tensor, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+            tensor = llama_cpp_permute(
+                tensor, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
+            )
         data = tensor.numpy().astype(np.float32)
         if data.ndim == 2:
             raw = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(names[name], raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(
+                names[name], raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
         else:
             writer.add_tensor(names[name], data)
     writer.write_header_to_file()
@@ -139,18 +158,26 @@ def write_gguf(path, hf_folder, tokenizer_dir):
 
 
 def _global_names():
-    return {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-            "output.weight": "lm_head.weight"}
+    return {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
 
 
 def _layer_names(num_layers):
     from llmudf.engine.weights import _GGUF_LAYER_NAMES
 
-    return {f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}.weight"
-            for i in range(num_layers) for g, h in _GGUF_LAYER_NAMES.items()}
+    return {
+        f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}.weight"
+        for i in range(num_layers)
+        for g, h in _GGUF_LAYER_NAMES.items()
+    }
 
 
-def test_gguf_is_dequantized_unpermuted_and_cached(tmp_path, monkeypatch, tiny_model_dir, tiny_tokenizer_dir):
+def test_gguf_is_dequantized_unpermuted_and_cached(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_tokenizer_dir
+):
     from tests.engine.test_models import PagedSequences, prompts
 
     monkeypatch.setenv("LLMUDF_CACHE_DIR", str(tmp_path / "cache"))

@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from llmudf.kernels import AttentionMetadata, paged_attention, store_kv
 
 
@@ -33,7 +32,13 @@ def run_batch(query_lens, seq_lens, num_heads, num_kv_heads, page_size, head_dim
     for b, (q_len, k_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
         if k_len > q_len:  # the cached prefix, written by an earlier step
             prev = AttentionMetadata.build([k_len - q_len], [k_len - q_len], [tables[b]], page_size)
-            store_kv(keys[b][: k_len - q_len], values[b][: k_len - q_len], k_cache, v_cache, prev.slot_mapping)
+            store_kv(
+                keys[b][: k_len - q_len],
+                values[b][: k_len - q_len],
+                k_cache,
+                v_cache,
+                prev.slot_mapping,
+            )
     meta = AttentionMetadata.build(query_lens, seq_lens, tables, page_size)
     new_k = torch.cat([k[n - q :] for k, n, q in zip(keys, seq_lens, query_lens, strict=True)])
     new_v = torch.cat([v[n - q :] for v, n, q in zip(values, seq_lens, query_lens, strict=True)])

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
-
 from llmudf.kernels import apply_rotary, rms_norm, rope_inv_freq, rotary_cos_sin
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 
 def test_rms_norm_matches_transformers():
@@ -22,8 +21,12 @@ def test_apply_rotary_matches_transformers():
     ref_q, ref_k = apply_rotary_pos_emb(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[positions][None], sin[positions][None]
     )
-    torch.testing.assert_close(apply_rotary(q, cos[positions], sin[positions]), ref_q[0].transpose(0, 1))
-    torch.testing.assert_close(apply_rotary(k, cos[positions], sin[positions]), ref_k[0].transpose(0, 1))
+    torch.testing.assert_close(
+        apply_rotary(q, cos[positions], sin[positions]), ref_q[0].transpose(0, 1)
+    )
+    torch.testing.assert_close(
+        apply_rotary(k, cos[positions], sin[positions]), ref_k[0].transpose(0, 1)
+    )
     assert torch.equal(apply_rotary(q, cos[:1].expand(4, -1), sin[:1].expand(4, -1)), q)  # pos 0
 
 
@@ -32,15 +35,22 @@ def test_apply_rotary_matches_transformers():
     [
         None,
         {"rope_type": "linear", "factor": 4.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ],
 )
 def test_inv_freq_matches_transformers(scaling):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = LlamaConfig(hidden_size=128, num_attention_heads=2, rope_theta=500000.0, rope_scaling=scaling)
+    config = LlamaConfig(
+        hidden_size=128, num_attention_heads=2, rope_theta=500000.0, rope_scaling=scaling
+    )
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "default":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
