@@ -9,7 +9,7 @@ from llmudf.cli import _read_movies, main
 
 pytestmark = pytest.mark.slow
 
-COUNTRIES = ["France", "USA", "Germany", "Japan", "France", "Italy", "USA", "Brazil"]
+COUNTRIES = ["France", "USA", "Germany", "China", "France", "Italy", "USA", "Spain"]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,14 @@ def test_filter_and_projection_equal_on_both_paths(tmp_path, movies):
 
 def test_answers_make_sense_and_rerun_hits_the_cache(tmp_path):
     con = _connect(tmp_path)
-    sql = "SELECT country, llm_filter('Is this country in Europe?', country) FROM c"
+    sql = (
+        "SELECT country, llm_choice('Which continent is this country in?', "
+        "['Europe', 'Asia', 'Americas', 'Africa'], country) FROM c"
+    )
     answers = dict(con.sql(sql).fetchall())
     assert con.last_stats[0].num_requests == 6  # 8 rows, 6 distinct countries
-    assert answers["France"] is True and answers["Germany"] is True
-    assert answers["Japan"] is False and answers["Brazil"] is False
+    assert answers["France"] == "Europe" and answers["China"] == "Asia"
+    assert set(answers.values()) <= {"Europe", "Asia", "Americas", "Africa"}
     assert dict(con.sql(sql).fetchall()) == answers
     assert con.last_stats[0].num_sent == 0
 
