@@ -17,9 +17,6 @@ import threading
 
 import duckdb
 import pyarrow as pa
-from llmudf.optimizer.explain import LLMExplain, explain_call
-from llmudf.optimizer.plan import PlanOptions, plan_call
-from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 from sqlglot import exp
 
 from llmudf.cache import open_cache
@@ -27,6 +24,9 @@ from llmudf.client import get_client
 from llmudf.config import Config
 from llmudf.executor import CallStats, run_call
 from llmudf.functions import FUNCTIONS, LLMCallError, bind_call, is_options
+from llmudf.optimizer.explain import LLMExplain, explain_call
+from llmudf.optimizer.plan import PlanOptions, plan_call
+from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 
 KEEP_ANSWER_TABLES = 16  # queries whose answer tables stay registered
 _LLM_CALL = re.compile(r"\bllm(_filter|_choice|_score|_json)?\s*\(", re.IGNORECASE)

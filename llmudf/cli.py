@@ -28,10 +28,10 @@ DEMO_QUERIES = [
         "Genre, Rating) ORDER BY Title LIMIT 10",
     ),
     (
-        "One word for each genre (llm in SELECT, deduplicated)",
-        "SELECT Genre, llm('In one word, what mood does this genre have?', Genre, "
-        "{'max_tokens': 4}) AS mood, COUNT(*) AS movies FROM omdb GROUP BY Genre "
-        "ORDER BY movies DESC LIMIT 8",
+        "The mood of each genre (llm_choice in SELECT, deduplicated)",
+        "SELECT Genre, llm_choice('Which mood fits movies of this genre best?', "
+        "['dark', 'tense', 'funny', 'uplifting'], Genre) AS mood, COUNT(*) AS movies "
+        "FROM omdb GROUP BY Genre ORDER BY movies DESC, Genre LIMIT 8",
     ),
     (
         "Average family-friendliness by rating (AVG of llm_score)",

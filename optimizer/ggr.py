@@ -7,6 +7,7 @@ sum over trie nodes of len(line) * (rows through the node - 1) characters, whate
 order. GGR builds that trie top-down: in each node it takes the line with the largest
 len * (count - 1) among the node's rows, puts it first for every row holding it, and repeats
 on the node's other rows with recounted values (the paper's recursion on "rows without v").
+Lines that every row of a node holds go first (OPHR's optimum does the same).
 
 All nodes of one depth are solved together on code arrays. In a round, every row points at
 its best line; a line all of whose holders point at it is accepted at once -- exactly the
@@ -122,10 +123,16 @@ def _choose_level(node, codes, cell_weight, used, span, config) -> np.ndarray:
         key_score[ids] = cell_weight[pending].ravel() * (counts[ids] - 1)
         key_score[ids[used[pending].ravel()]] = 0
         valid_key = key_score >= config.min_gain
-        # one total order of lines (score desc, then key) that every holder agrees on
-        rank = np.empty(len(uniq), np.int64)
-        rank[np.lexsort((uniq, -key_score))] = np.arange(len(uniq))
+        # a line on every pending row of its node goes first: never worse (it only merges
+        # trie nodes), and it stops a big sub-group from splitting a line all rows share
         cell_ids = ids.reshape(-1, num_fields)
+        priority = key_score.astype(np.float64)
+        node_size = np.bincount(node[pending])[node[pending]]
+        common = ids[(counts[ids] == np.repeat(node_size, num_fields)) & valid_key[ids]]
+        priority[common] += 2.0**60
+        # one total order of lines (priority desc, then key) that every holder agrees on
+        rank = np.empty(len(uniq), np.int64)
+        rank[np.lexsort((uniq, -priority))] = np.arange(len(uniq))
         best_field = np.argmin(rank[cell_ids], axis=1)
         best_key = cell_ids[np.arange(len(pending)), best_field]
         valid = valid_key[best_key]

@@ -26,8 +26,9 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlglot
-from llmudf.optimizer.callsite import CallSite, find_call_sites, llm_calls, parse_call
 from sqlglot import exp
+
+from llmudf.optimizer.callsite import CallSite, find_call_sites, llm_calls, parse_call
 
 KEY, ANSWER, FOUND, COUNT = "__llm_k", "__llm_answer", "__llm_found", "__llm_n"
 

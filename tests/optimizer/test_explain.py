@@ -1,4 +1,5 @@
 import pyarrow as pa
+
 from llmudf.optimizer.explain import LLMExplain, explain_call
 from llmudf.optimizer.plan import PlanOptions, plan_call
 

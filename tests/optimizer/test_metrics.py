@@ -31,8 +31,8 @@ def test_hand_computed_rates():
     assert prefix_hit_rate(["abc", "abc"]) == 0.5
     # "abd" shares 2 with "abc"; "xbc" shares nothing; "abc!" shares 3 with "abc"
     assert prefix_hit_rate(["abc", "xbc", "abd", "abc!"]) == pytest.approx(5 / 13)
-    assert prefix_hit_rate(["abc", "xbc", "abd", "abc!"], window=1) == pytest.approx(0 / 13)
-    assert prefix_hit_rate(["abc", "xbc", "abd", "abc!"], window=2) == pytest.approx(3 / 13)
+    assert prefix_hit_rate(["abc", "xbc", "abd", "abc!"], window=1) == pytest.approx(2 / 13)
+    assert prefix_hit_rate(["abc", "xbc", "abd", "abc!"], window=2) == pytest.approx(4 / 13)
 
 
 @settings(max_examples=80, deadline=None)

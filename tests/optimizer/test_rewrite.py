@@ -11,9 +11,9 @@ import hashlib
 import duckdb
 import pyarrow as pa
 import pytest
-from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 
 from llmudf.functions import FUNCTIONS
+from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 from llmudf.prompt import render_fields
 
 
