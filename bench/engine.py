@@ -27,11 +27,11 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
 from llmudf.engine.config import EngineConfig  # noqa: E402
 from llmudf.engine.engine import Engine  # noqa: E402
 from llmudf.engine.sampling import SamplingParams  # noqa: E402
 from llmudf.engine.weights import load_model, resolve_model_dir  # noqa: E402
-
 from llmudf.paths import movies_db  # noqa: E402
 from llmudf.prompt import ChatPrompt, render_user_message  # noqa: E402
 

@@ -6,7 +6,10 @@ optimum, dedup ratio and solver time, side by side in one process.
 Tables: (1) movies with 8 fields; (2) one row per (movie, cast member), from splitting `Cast`,
 with the actor as the first field as a join query would list it (`llm(q, actor, title, ...)`),
 so movie fields repeat across rows. PHR counts the rendered prompt (system prompt, chat template,
-instruction, fields) in tokens of the default model's tokenizer when it loads, else characters.
+instruction, fields) in tokens of the default model's tokenizer when it loads, else characters;
+"PHR chars" is the same in characters, "prev-only" compares each prompt with the previous one
+only (a one-entry cache: row order matters), "user msg" counts the user message alone
+(instruction + fields, no system prompt or template) in characters.
 
 The optimum on 200-row samples: the exact search (`exact_optimum`) finishes only on small or
 nested samples; where it passes its budget, the per-row chain upper bound stands in for the
@@ -29,7 +32,7 @@ from llmudf import paths
 from llmudf.optimizer import PlanOptions, plan_call, prefix_hit_rate
 from llmudf.optimizer.encode import encode, group_fields
 from llmudf.optimizer.exact import SearchTooLarge, _Solver, exact_orders
-from llmudf.optimizer.ggr import ggr_orders, shared_line_chars
+from llmudf.optimizer.ggr import GGRConfig, best_orders, ggr_orders, shared_line_chars
 from llmudf.optimizer.plan import unique_row_map
 from llmudf.prompt import ChatPrompt
 
@@ -77,24 +80,32 @@ def phr_table(name, df, render, tokenize, unit) -> dict:
             "phr": prefix_hit_rate(plan.prompts, tokenize, render),
             "phr_chars": prefix_hit_rate(plan.prompts, render=render),
             "phr_prev_only": prefix_hit_rate(plan.prompts, render=render, window=1),
+            "phr_user": prefix_hit_rate(plan.prompts),
             "requests": plan.num_requests,
             "solver_s": plan.solver_seconds,
         }
     base = rows["original"]["phr"]
     print(f"\n== {name}: {len(df)} rows x {df.shape[1]} fields, PHR in {unit} ==")
-    print(f"{'order':<10}{'PHR':>8}{'PHR chars':>11}{'prev-only':>11}{'requests':>10}{'x orig':>8}")
+    print(
+        f"{'order':<10}{'PHR':>8}{'PHR chars':>11}{'prev-only':>11}{'user msg':>10}"
+        f"{'requests':>10}{'x orig':>8}"
+    )
     for label, r in rows.items():
-        print(f"{label:<10}{r['phr']:>8.3f}{r['phr_chars']:>11.3f}{r['phr_prev_only']:>11.3f}"
-              f"{r['requests']:>10}{r['phr'] / base:>8.2f}")
-    print(f"dedup ratio {len(df) / rows['ggr']['requests']:.3f}; "
-          f"GGR plan solver {rows['ggr']['solver_s']:.3f} s on the full table")
+        print(
+            f"{label:<10}{r['phr']:>8.3f}{r['phr_chars']:>11.3f}{r['phr_prev_only']:>11.3f}"
+            f"{r['phr_user']:>10.3f}{r['requests']:>10}{r['phr'] / base:>8.2f}"
+        )
+    print(
+        f"dedup ratio {len(df) / rows['ggr']['requests']:.3f}; "
+        f"GGR plan solver {rows['ggr']['solver_s']:.3f} s on the full table"
+    )
     return rows
 
 
 def optimum_ratios(df, render, num_samples, sample_rows, max_states) -> dict:
     """Worst GGR / optimum over samples: fields only, and rendered prompt (chars)."""
-    head = len(render(f"{INSTRUCTION}\n\n\x00").split("\x00")[0]) if render else (
-        len(INSTRUCTION) + 2
+    head = (
+        len(render(f"{INSTRUCTION}\n\n\x00").split("\x00")[0]) if render else (len(INSTRUCTION) + 2)
     )
     worst_fields, worst_rendered, num_exact = 1.0, 1.0, 0
     for seed in range(num_samples):
@@ -102,8 +113,9 @@ def optimum_ratios(df, render, num_samples, sample_rows, max_states) -> dict:
         table = encode(pa.Table.from_pandas(sample, preserve_index=False))
         unique, _ = unique_row_map(table.codes)
         groups = group_fields(table.take(unique))
-        greedy = shared_line_chars(groups.codes, groups.weights, ggr_orders(groups.codes,
-                                                                             groups.weights))
+        greedy = shared_line_chars(
+            groups.codes, groups.weights, best_orders(groups.codes, groups.weights)
+        )
         try:
             _, best = exact_orders(groups.codes, groups.weights, max_states)
             num_exact += 1
@@ -113,8 +125,25 @@ def optimum_ratios(df, render, num_samples, sample_rows, max_states) -> dict:
         shared_head = head * (len(unique) - 1)
         worst_fields = min(worst_fields, greedy / best if best else 1.0)
         worst_rendered = min(worst_rendered, (shared_head + greedy) / (shared_head + best))
-    return {"fields": worst_fields, "rendered": worst_rendered, "exact": num_exact,
-            "samples": num_samples}
+    return {
+        "fields": worst_fields,
+        "rendered": worst_rendered,
+        "exact": num_exact,
+        "samples": num_samples,
+    }
+
+
+def versus_paper_score(df: pd.DataFrame) -> float:
+    """Shared whole-line characters of our plan's orders over GGR with the paper's len**2
+    score alone (ours tries len and len**2 and the given order, and keeps the best)."""
+    table = encode(pa.Table.from_pandas(df, preserve_index=False))
+    unique, _ = unique_row_map(table.codes)
+    groups = group_fields(table.take(unique))
+    ours = best_orders(groups.codes, groups.weights)
+    paper = ggr_orders(groups.codes, groups.weights, GGRConfig(score_power=2.0))
+    return shared_line_chars(groups.codes, groups.weights, ours) / shared_line_chars(
+        groups.codes, groups.weights, paper
+    )
 
 
 def solver_scaling(cast: pd.DataFrame) -> dict:
@@ -126,8 +155,10 @@ def solver_scaling(cast: pd.DataFrame) -> dict:
         out[n] = min(plan_call(INSTRUCTION, table).solver_seconds for _ in range(3))
     print("\n== GGR solver time, table 2 sample x 8 fields ==")
     for n, s in out.items():
-        print(f"{n:>8} rows {s:8.3f} s   ({s / out[7_500]:.2f}x the 7.5k time, "
-              f"{n / 7_500:.0f}x the rows)")
+        print(
+            f"{n:>8} rows {s:8.3f} s   ({s / out[7_500]:.2f}x the 7.5k time, "
+            f"{n / 7_500:.0f}x the rows)"
+        )
     return out
 
 
@@ -149,8 +180,15 @@ def main() -> None:
             r = optimum_ratios(df, render, args.samples, rows, budget)
             ratios[(name, rows)] = r
             kind = "exact" if r["exact"] == r["samples"] else f"{r['exact']} exact, rest bound"
-            print(f"{name:<7}{rows:>4} rows: GGR/opt fields {r['fields']:.3f}, rendered prompt "
-                  f"{r['rendered']:.3f} ({kind}; {time.perf_counter() - start:.1f} s)")
+            print(
+                f"{name:<7}{rows:>4} rows: GGR/opt fields {r['fields']:.3f}, rendered prompt "
+                f"{r['rendered']:.3f} ({kind}; {time.perf_counter() - start:.1f} s)"
+            )
+    paper = {name: versus_paper_score(df) for name, df in (("movies", movies), ("cast", cast))}
+    print(
+        f"\nshared line chars, len*(count-1) score over the paper's len**2*(count-1): "
+        f"movies {paper['movies']:.3f}x, cast {paper['cast']:.3f}x"
+    )
     scaling = solver_scaling(cast)
     big = [ratios[("movies", args.sample_rows)], ratios[("cast", args.sample_rows)]]
     small = [ratios[("movies", 20)], ratios[("cast", 20)]]
@@ -163,9 +201,13 @@ def main() -> None:
         "ggr_phr_cast": round(t2["ggr"]["phr"], 4),
         "original_phr_cast": round(t2["original"]["phr"], 4),
         "sorted_phr_cast": round(t2["sorted"]["phr"], 4),
+        "ggr_phr_cast_user_message_chars": round(t2["ggr"]["phr_user"], 4),
+        "original_phr_cast_user_message_chars": round(t2["original"]["phr_user"], 4),
         "ggr_phr_movies": round(t1["ggr"]["phr"], 4),
         "original_phr_movies": round(t1["original"]["phr"], 4),
         "dedup_ratio_cast": round(len(cast) / t2["ggr"]["requests"], 4),
+        "ggr_over_paper_score_movies": round(paper["movies"], 4),
+        "ggr_over_paper_score_cast": round(paper["cast"], 4),
         "solver_s_30k": round(scaling[30_000], 4),
         "solver_s_120k_over_30k": round(scaling[120_000] / scaling[30_000], 3),
         "solver_s_full_cast": round(t2["ggr"]["solver_s"], 3),

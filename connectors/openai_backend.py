@@ -58,6 +58,34 @@ class OpenAIConfig:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
 
+def first_model(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> str:
+    """The first model an OpenAI-compatible endpoint lists (`GET /v1/models`).
+
+    >>> first_model("http://127.0.0.1:8000/v1")                          # doctest: +SKIP
+    'smollm2'
+    """
+    import openai
+
+    client = openai.OpenAI(
+        base_url=base_url,
+        api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",
+        timeout=timeout,
+        max_retries=2,
+    )
+    try:
+        models = [m.id for m in client.models.list()]
+    except openai.APIError as exc:
+        raise EndpointError(
+            f"OpenAI-compatible endpoint {base_url} did not list its models "
+            f"({type(exc).__name__}: {exc}); is it up? or give model= explicitly"
+        ) from exc
+    finally:
+        client.close()
+    if not models:
+        raise EndpointError(f"OpenAI-compatible endpoint {base_url} lists no models")
+    return models[0]
+
+
 class OpenAIClient:
     """Answers prompts through an OpenAI-compatible chat-completions endpoint."""
 

@@ -23,12 +23,14 @@ result cache make the retry give the same answers.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pandas as pd
 import pyarrow as pa
 from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 
 from llmudf.cache import open_cache
+from llmudf.client import get_client
 from llmudf.config import Config
 from llmudf.executor import run_call
 from llmudf.functions import FUNCTIONS, bind_call, is_options
@@ -65,7 +67,7 @@ class SparkClient:
         )
         parts = max(1, min(self.num_partitions, len(prompts)))
         df = self.spark.createDataFrame(rows, "i long, user string, system string")
-        answer = _answer_partition(self.config.model, self.config.engine, params)
+        answer = _answer_partition(self.config, params)
         result = df.repartitionByRange(parts, "i").mapInArrow(answer, _ANSWER_SCHEMA)
         table = result.toArrow().sort_by("i")
         if progress is not None:
@@ -76,11 +78,18 @@ class SparkClient:
         ]
 
 
-def _answer_partition(model, engine: dict, params):
-    def answer(batches):
-        from llmudf.engine.flight_client import FlightEngineClient
+def _task_client(config: Config):
+    """The client of a Spark task: the node's engine server for the model (started on first
+    use), unless the config names a server endpoint or an OpenAI-compatible one. Shared by
+    the batches a Python worker answers."""
+    if config.backend == "local":
+        config = replace(config, backend="server")
+    return get_client(config)
 
-        client = FlightEngineClient(model=model, engine=engine)
+
+def _answer_partition(config: Config, params):
+    def answer(batches):
+        client = _task_client(config)
         for batch in batches:
             rows = batch.to_pydict()
             prompts = [ChatPrompt(u, s) for u, s in zip(rows["user"], rows["system"], strict=True)]
@@ -98,7 +107,6 @@ def _answer_partition(model, engine: dict, params):
                     + [(n, pa.int32()) for n in ("p", "c", "g")]
                 ),
             )
-        client.close()
 
     return answer
 
@@ -208,8 +216,6 @@ def _batch_udf(name: str, config: Config):
     function = FUNCTIONS[name]
 
     def udf(*args: pd.Series) -> pd.Series:
-        from llmudf.engine.flight_client import FlightEngineClient
-
         rest = list(args[1:])
         const = rest.pop(0).iloc[0] if function.const_arg and rest else None
         if hasattr(const, "tolist"):
@@ -222,10 +228,8 @@ def _batch_udf(name: str, config: Config):
         if len(set(instruction)) == 1 and instruction[0] is not None:
             instruction = instruction[0]
         fields = _fields_table(rest, len(args[0]))
-        client = FlightEngineClient(model=config.model, engine=config.engine)
         cache = open_cache(config.cache_dir) if config.cache else None
-        result = run_call(spec, instruction, fields, config, client, cache)
-        client.close()
+        result = run_call(spec, instruction, fields, config, _task_client(config), cache)
         return pd.Series(result.answers.to_pylist(), dtype=object)
 
     return pandas_udf(udf, returnType=_SPARK_TYPES[function.arrow_type.id])

@@ -11,19 +11,21 @@ finish_reason "length" when the context is full.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from llmudf.engine.config import CPU_KV_BYTES_CAP, EngineConfig, free_device_memory
+from llmudf.engine.json_schema import JsonPlan, JsonState
 from llmudf.engine.kv_pool import KVPool, KVShape
 from llmudf.engine.model_runner import ModelRunner, SampledToken
 from llmudf.engine.request import Output
 from llmudf.engine.request import Sequence as Seq
 from llmudf.engine.sampling import ChoiceTrie, SamplingParams
 from llmudf.engine.scheduler import Scheduler
-
 from llmudf.prompt import ChatPrompt
 
 Prompt = str | ChatPrompt | Sequence[int]
@@ -111,6 +113,7 @@ class Engine:
         self.stats = EngineStats()
         self._eos = frozenset(tokenizer.eos_token_ids)
         self._tries: dict[tuple[str, ...], ChoiceTrie] = {}
+        self._json_plans: dict[str, JsonPlan] = {}
         self._seqs: dict[str, Seq] = {}
         self._streams: dict[str, StreamCallback] = {}
         self._ids = itertools.count()
@@ -270,8 +273,19 @@ class Engine:
             if trie is None:
                 trie = ChoiceTrie.build(params.choices, self.tokenizer.encode)
                 self._tries[params.choices] = trie
+        json_state = None
+        if params.json_schema is not None:
+            plan = self._json_plans.get(params.json_schema)
+            if plan is None:
+                plan = JsonPlan.build(
+                    json.loads(params.json_schema),
+                    self.tokenizer.encode,
+                    self.tokenizer.token_strings,
+                )
+                self._json_plans[params.json_schema] = plan
+            json_state = JsonState(plan)
         arrival = next(self._arrivals)
-        seq = Seq(request_id, arrival, ids, params, self.max_len, trie and trie.root)
+        seq = Seq(request_id, arrival, ids, params, self.max_len, trie and trie.root, json_state)
         self._seqs[request_id] = seq
         if stream is not None:
             self._streams[request_id] = stream
@@ -306,6 +320,15 @@ class Engine:
             self._append(seq, token, logprob)
             if not node.children:
                 seq.text = node.choice
+                return "stop"
+            if len(seq) >= seq.max_len:
+                seq.text = self.tokenizer.decode(seq.generated_ids)
+                return "length"
+            return None
+        if seq.json_state is not None:  # constrained to a JSON object
+            self._append(seq, token, logprob)
+            if seq.json_state.advance(token):
+                seq.text = self.tokenizer.decode(seq.generated_ids)
                 return "stop"
             if len(seq) >= seq.max_len:
                 seq.text = self.tokenizer.decode(seq.generated_ids)

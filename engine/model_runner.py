@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from llmudf.engine.kv_pool import KVPool
 from llmudf.engine.request import Sequence
 from llmudf.engine.sampling import Sampler, allowed_tokens
@@ -73,10 +74,7 @@ class ModelRunner:
             logits,
             [seq.params for seq in sampling],
             [seq.generator for seq in sampling],
-            [
-                None if seq.trie_node is None else allowed_tokens(seq.trie_node, self.eos_token_ids)
-                for seq in sampling
-            ],
+            [self._allowed(seq) for seq in sampling],
             want_logprobs=any(seq.params.logprobs for seq in sampling),
         )
         token_list = tokens.tolist()
@@ -85,3 +83,10 @@ class ModelRunner:
             SampledToken(seq, tok, lp)
             for seq, tok, lp in zip(sampling, token_list, lp_list, strict=True)
         ]
+
+    def _allowed(self, seq: Sequence) -> list[int] | None:
+        if seq.trie_node is not None:
+            return allowed_tokens(seq.trie_node, self.eos_token_ids)
+        if seq.json_state is not None:
+            return seq.json_state.allowed()
+        return None

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 import torch
+
 from llmudf.engine.sampling import SamplingParams, TrieNode
 
 
@@ -57,6 +58,7 @@ class Sequence:
         "num_preemptions",
         "generator",
         "trie_node",
+        "json_state",
         "logprobs",
         "finish_reason",
         "text",
@@ -71,6 +73,7 @@ class Sequence:
         params: SamplingParams,
         max_len: int,
         trie_root: TrieNode | None = None,
+        json_state=None,
     ):
         self.request_id = request_id
         self.arrival = arrival
@@ -88,7 +91,8 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed)
-        self.trie_node = trie_root
+        self.trie_node = trie_root  # set when constrained to choices
+        self.json_state = json_state  # set when constrained to a JSON schema
         self.logprobs: list[float] | None = [] if params.logprobs else None
         self.finish_reason: str | None = None
         self.text = ""

@@ -8,6 +8,7 @@ whatever batch it runs in.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,9 +21,10 @@ class SamplingParams:
 
     temperature 0 is greedy. top_k 0 means no top-k. `choices` constrains the answer to exactly
     one of the given strings (yes/no filters, classification, 1-5 scores); the output text is
-    then the chosen string. `truncate_left` overrides EngineConfig.prompt_overflow for this
-    request (True: keep the end of a too-long prompt). `logprobs` returns the log-probability
-    of each generated token.
+    then the chosen string. `json_schema` (a dict or its JSON text) constrains the answer to a
+    JSON object of that schema (subset: see engine/json_schema.py). `truncate_left` overrides
+    EngineConfig.prompt_overflow for this request (True: keep the end of a too-long prompt).
+    `logprobs` returns the log-probability of each generated token.
 
     >>> SamplingParams(max_tokens=8).temperature
     0.0
@@ -39,6 +41,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     choices: tuple[str, ...] | None = None
+    json_schema: str | None = None
     truncate_left: bool | None = None
     logprobs: bool = False
 
@@ -66,6 +69,19 @@ class SamplingParams:
                 raise ValueError(f"choices must be non-empty strings, got {self.choices!r}")
             if len(set(self.choices)) != len(self.choices):
                 raise ValueError(f"choices must be distinct, got {self.choices!r}")
+        if self.json_schema is not None:
+            if self.choices is not None:
+                raise ValueError("choices and json_schema cannot both be set")
+            schema = self.json_schema
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"json_schema is not valid JSON: {exc}") from exc
+            if not isinstance(schema, dict):
+                raise ValueError(f"json_schema must be a dict, got {type(schema).__name__}")
+            # canonical text: hashable, and one compiled plan per schema
+            object.__setattr__(self, "json_schema", json.dumps(schema, sort_keys=False))
 
     @property
     def is_greedy(self) -> bool:

@@ -4,7 +4,9 @@
 `ChatPrompt`s (in order); `progress(n)` is called as n more answers finish. `model_id`
 names the model in result-cache keys, so every client of the same model shares answers.
 `InProcessClient` runs an `Engine` in this process, built on first use and shared by every
-client of the same model config; `get_client(config)` picks the client for a Config.
+client of the same model config; `get_client(config)` picks the client for a Config's
+`backend`: in-process, an engine server over Arrow Flight (`FlightEngineClient`), or an
+OpenAI-compatible endpoint (`OpenAIClient`).
 
 >>> client = get_client(Config())                                     # doctest: +SKIP
 >>> client.generate([ChatPrompt("Capital of France?")], SamplingParams())[0].text  # doctest: +SKIP
@@ -78,10 +80,33 @@ _CLIENTS_LOCK = threading.Lock()
 
 
 def get_client(config: Config) -> EngineClient:
-    """The process-wide client for `config.model` + `config.engine` (built once, shared)."""
-    key = json.dumps([config.model, config.engine], sort_keys=True, default=str)
+    """The process-wide client for `config`'s backend, endpoint, model and engine options
+    (built once, shared).
+
+    >>> get_client(Config(backend="server")).location              # doctest: +SKIP
+    'grpc://127.0.0.1:40123'
+    """
+    key = json.dumps(
+        [config.backend, config.endpoint, config.api_key, config.model, config.engine],
+        sort_keys=True,
+        default=str,
+    )
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
-            client = _CLIENTS[key] = InProcessClient(config.model, config.engine)
+            client = _CLIENTS[key] = _new_client(config)
         return client
+
+
+def _new_client(config: Config) -> EngineClient:
+    if config.backend == "server":
+        from llmudf.engine.flight_client import FlightEngineClient
+
+        # endpoint None: this machine's server for the model, started on first use
+        return FlightEngineClient(config.endpoint, model=config.model, engine=config.engine)
+    if config.backend == "openai":
+        from llmudf.connectors.openai_backend import OpenAIClient, first_model
+
+        model = config.model or first_model(config.endpoint, config.api_key)
+        return OpenAIClient(config.endpoint, model, api_key=config.api_key)
+    return InProcessClient(config.model, config.engine)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 OPTION_KEYS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed")
+BACKENDS = ("local", "server", "openai")
+_SERVER_SCHEMES = ("grpc://", "grpc+tcp://", "grpc+unix://")
 
 
 @dataclass(slots=True)
@@ -13,7 +15,16 @@ class Config:
     """How llmudf answers the LLM calls of a query.
 
     model: a Hugging Face model folder, a .gguf file, or None for the default
-    SmolLM2-135M-Instruct. engine: extra `EngineConfig` fields (device, kv_cache_bytes, ...).
+    SmolLM2-135M-Instruct (with backend="openai": the endpoint's model name, None = the
+    first one its /v1/models lists). engine: extra `EngineConfig` fields (device,
+    kv_cache_bytes, ...) of an engine llmudf starts itself.
+    backend: who answers the prompts. "local": an engine in this process; "server": an
+    llmudf engine server over Arrow Flight, at `endpoint` ("grpc://host:port" or
+    "grpc+unix:///path"), or with endpoint=None this machine's server for `model`, started
+    on first use and shared by every process; "openai": any OpenAI-compatible endpoint
+    (`endpoint` = its base URL, e.g. "http://127.0.0.1:8000/v1"; `api_key`, default
+    $OPENAI_API_KEY). Spark tasks always use a server: the node's, unless backend says
+    otherwise.
     cache / cache_dir: the persistent result cache (default dir: `llmudf.paths.result_cache_dir()`).
     progress: show a progress bar while a batch runs (only ever on a terminal).
     rewrite: optimize each query as a whole (False = per-chunk UDF only).
@@ -26,6 +37,8 @@ class Config:
 
     >>> Config(max_tokens=16).with_options({"temperature": 0.5}).temperature
     0.5
+    >>> Config(backend="openai", endpoint="http://127.0.0.1:8000/v1").backend
+    'openai'
     """
 
     model: str | None = None
@@ -42,8 +55,12 @@ class Config:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    backend: str = "local"
+    endpoint: str | None = None
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        self._check_backend()
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -54,6 +71,30 @@ class Config:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not isinstance(self.engine, dict):
             raise TypeError(f"engine must be a dict of EngineConfig fields, got {self.engine!r}")
+
+    def _check_backend(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "local" and self.endpoint is not None:
+            raise ValueError(
+                f"endpoint={self.endpoint!r} needs backend='server' (an llmudf engine server) "
+                "or backend='openai' (an OpenAI-compatible endpoint)"
+            )
+        if self.backend == "openai":
+            if not self.endpoint or not self.endpoint.startswith(("http://", "https://")):
+                raise ValueError(
+                    "backend='openai' needs endpoint= the base URL of an OpenAI-compatible "
+                    f"API, e.g. 'http://127.0.0.1:8000/v1'; got {self.endpoint!r}"
+                )
+        elif self.api_key is not None:
+            raise ValueError(f"api_key is only used with backend='openai', not {self.backend!r}")
+        if self.backend == "server" and self.endpoint is not None:
+            if not self.endpoint.startswith(_SERVER_SCHEMES):
+                raise ValueError(
+                    "backend='server' needs endpoint= a Flight location "
+                    "('grpc://host:port' or 'grpc+unix:///path/to/socket'), or None for this "
+                    f"machine's server; got {self.endpoint!r}"
+                )
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> Config:

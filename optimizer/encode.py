@@ -104,13 +104,14 @@ def group_fields(table: EncodedTable, detect_dependencies: bool = True) -> Field
     num_columns = len(table.names)
     parent = list(range(num_columns))
     if detect_dependencies and table.num_rows > 1:
-        num_distinct = [len(np.unique(table.codes[:, c])) for c in range(num_columns)]
+        num_distinct = [len(pd.unique(table.codes[:, c])) for c in range(num_columns)]
         for a in range(num_columns):
             for b in range(a + 1, num_columns):
                 if parent[b] != b or num_distinct[a] != num_distinct[b]:
                     continue
-                pairs = np.unique(table.codes[:, [a, b]], axis=0)
-                if len(pairs) == num_distinct[a]:
+                span = int(table.codes[:, b].max()) + 2  # codes start at NULL = -1
+                pairs = (table.codes[:, a] + 1) * span + table.codes[:, b] + 1
+                if len(pd.unique(pairs)) == num_distinct[a]:
                     parent[b] = parent[a]
     members = {}
     for c in range(num_columns):

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from llmudf.optimizer.encode import encode, group_fields, to_table
-from llmudf.optimizer.ggr import fixed_order, ggr_orders, shared_line_chars, sort_rows
+from llmudf.optimizer.ggr import best_orders, fixed_order, shared_line_chars, sort_rows
 from llmudf.optimizer.plan import CallPlan, assemble_plan, unique_row_map
 
 
@@ -48,7 +48,13 @@ def exact_optimum(
     orders, _ = exact_orders(groups.codes, groups.weights, max_states)
     send = sort_rows(groups.codes, orders)
     return assemble_plan(
-        instruction, table, groups.members, unique_rows, row_to_unique, orders, send,
+        instruction,
+        table,
+        groups.members,
+        unique_rows,
+        row_to_unique,
+        orders,
+        send,
         solver_seconds=time.perf_counter() - start,
     )
 
@@ -60,7 +66,7 @@ def exact_orders(
     num_rows, num_fields = codes.shape
     solver = _Solver(codes, weights, max_states)
     all_rows = np.arange(num_rows)
-    greedy = shared_line_chars(codes, weights, ggr_orders(codes, weights))
+    greedy = shared_line_chars(codes, weights, best_orders(codes, weights))
     gain = solver.solve(all_rows, (1 << num_fields) - 1, greedy - 1)
     position = np.tile(num_fields + np.argsort(fixed_order(codes, weights)), (num_rows, 1))
     solver.assign(all_rows, (1 << num_fields) - 1, 0, position)
@@ -173,9 +179,7 @@ class _Solver:
             if shared.size:
                 order = np.argsort(inverse, kind="stable")
                 starts = np.concatenate([[0], np.cumsum(counts)])
-                lines[g] = [
-                    (int(gains[u]), rows[order[starts[u] : starts[u + 1]]]) for u in shared
-                ]
+                lines[g] = [(int(gains[u]), rows[order[starts[u] : starts[u + 1]]]) for u in shared]
         return lines
 
     def _chain_bound(self, rows: np.ndarray, free: int) -> int:

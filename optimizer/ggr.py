@@ -18,7 +18,7 @@ Cost per round: one hash factorization of [rows, fields] keys, O(n * k).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,13 @@ class GGRConfig:
     max_depth: int = 16  # levels of per-row field choice; deeper fields use the fixed order
     min_gain: int = 1  # characters a line must save (len * (count - 1)) to be put first
     max_rounds: int = 64  # per depth; past it, rows keep their best line even if others left
+    # lines rank by len**power * (count - 1): 1 = characters saved now; the paper's 2 favours
+    # long lines, a rough look-ahead that often pays on bigger tables (plan_call tries both)
+    score_power: float = 1.0
+
+    def __post_init__(self):
+        if self.max_depth < 0 or self.min_gain < 1 or self.max_rounds < 1 or self.score_power <= 0:
+            raise ValueError(f"GGRConfig needs max_depth >= 0, min_gain, max_rounds >= 1: {self}")
 
 
 def ggr_orders(
@@ -53,14 +60,36 @@ def ggr_orders(
     for depth in range(min(config.max_depth, num_fields)):
         if active.size == 0:
             break
-        chosen = _choose_level(node[active], codes[active], cell_weight[active],
-                               position[active] < num_fields, span, config)
+        chosen, hint = _choose_level(
+            node[active],
+            codes[active],
+            cell_weight[active],
+            position[active] < num_fields,
+            span,
+            config,
+        )
+        alone = (chosen < 0) & (hint >= 0)
+        position[active[alone], hint[alone]] = depth
         rows, fields = active[chosen >= 0], chosen[chosen >= 0]
         position[rows, fields] = depth
         keys = (node[rows] * num_fields + fields) * span + codes[rows, fields]
         node[rows], _ = pd.factorize(keys)
         active = rows[np.bincount(node[rows])[node[rows]] >= 2]
     return np.argsort(position, axis=1, kind="stable")
+
+
+def best_orders(
+    codes: np.ndarray, weights: tuple[np.ndarray, ...], config: GGRConfig = GGRConfig()
+) -> np.ndarray:
+    """GGR ranked by characters saved, GGR with the paper's len**2 score, or the given order:
+    whichever shares the most whole lines. Greedy can lose to either (it commits to one line
+    at a time); one more solve buys "never worse than the given order"."""
+    candidates = [
+        ggr_orders(codes, weights, replace(config, score_power=power)) for power in (1.0, 2.0)
+    ]
+    candidates.append(np.tile(np.arange(codes.shape[1]), (codes.shape[0], 1)))
+    shared = [shared_line_chars(codes, weights, c) for c in candidates]
+    return candidates[int(np.argmax(shared))]  # ties keep the earlier candidate
 
 
 def fixed_order(codes: np.ndarray, weights: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -111,7 +140,8 @@ def _cell_weights(codes: np.ndarray, weights: tuple[np.ndarray, ...]) -> np.ndar
 
 
 def _choose_level(node, codes, cell_weight, used, span, config) -> np.ndarray:
-    """The first free field of each row at this depth; -1 where no line is worth sharing."""
+    """The first free field of each row at this depth (-1 where no line is worth sharing),
+    and the field a row with none should still send next (`_node_top_field`)."""
     num_rows, num_fields = codes.shape
     chosen = np.full(num_rows, -1, np.int64)
     pending = np.arange(num_rows)
@@ -120,13 +150,18 @@ def _choose_level(node, codes, cell_weight, used, span, config) -> np.ndarray:
         ids, uniq = pd.factorize(keys.ravel())
         counts = np.bincount(ids)
         key_score = np.zeros(len(uniq), np.int64)
-        key_score[ids] = cell_weight[pending].ravel() * (counts[ids] - 1)
+        weight = cell_weight[pending].ravel()
+        key_score[ids] = weight * (counts[ids] - 1)
         key_score[ids[used[pending].ravel()]] = 0
         valid_key = key_score >= config.min_gain
         # a line on every pending row of its node goes first: never worse (it only merges
         # trie nodes), and it stops a big sub-group from splitting a line all rows share
         cell_ids = ids.reshape(-1, num_fields)
         priority = key_score.astype(np.float64)
+        if config.score_power != 1.0:
+            key_weight = np.zeros(len(uniq))
+            key_weight[ids] = weight
+            priority *= key_weight ** (config.score_power - 1.0)
         node_size = np.bincount(node[pending])[node[pending]]
         common = ids[(counts[ids] == np.repeat(node_size, num_fields)) & valid_key[ids]]
         priority[common] += 2.0**60
@@ -136,6 +171,8 @@ def _choose_level(node, codes, cell_weight, used, span, config) -> np.ndarray:
         best_field = np.argmin(rank[cell_ids], axis=1)
         best_key = cell_ids[np.arange(len(pending)), best_field]
         valid = valid_key[best_key]
+        if round_index == 0:
+            hint = _node_top_field(node, cell_ids, rank, valid_key, uniq, span)
         votes = np.bincount(best_key[valid], minlength=len(uniq))
         settled = votes[best_key] == counts[best_key]
         if round_index == config.max_rounds - 1:
@@ -145,4 +182,22 @@ def _choose_level(node, codes, cell_weight, used, span, config) -> np.ndarray:
         pending = pending[valid & ~settled]
         if pending.size == 0:
             break
-    return chosen
+    return chosen, hint
+
+
+def _node_top_field(node, cell_ids, rank, valid_key, uniq, span) -> np.ndarray:
+    """Per row, the field of its node's best line (-1 if none). A row that shares no line
+    still sends that field next, so it shares `name: ` and any common start of the value
+    with its neighbours in send order."""
+    num_fields = cell_ids.shape[1]
+    never = len(rank)
+    row_best = np.where(valid_key[cell_ids], rank[cell_ids], never).min(axis=1)
+    node_best = np.full(int(node.max()) + 1, never)
+    np.minimum.at(node_best, node, row_best)
+    key_of_rank = np.empty_like(rank)
+    key_of_rank[rank] = np.arange(len(rank))
+    best = node_best[node]
+    top = np.full(len(node), -1, np.int64)
+    has = best < never
+    top[has] = (uniq[key_of_rank[best[has]]] // span) % num_fields
+    return top

@@ -1,7 +1,8 @@
 """One LLM call site -> a plan: unique requests in send order, field order of each, row map.
 
 >>> import pyarrow as pa
->>> t = pa.table({"title": ["Up", "Up", "Heat", "Cars"], "genre": ["Kids", "Kids", "Crime", "Kids"]})
+>>> t = pa.table({"title": ["Up", "Up", "Heat", "Cars"],
+...               "genre": ["Kids", "Kids", "Crime", "Kids"]})
 >>> plan = plan_call("Is it a comedy?", t)
 >>> plan.num_requests, plan.row_to_request.tolist()
 (3, [2, 2, 0, 1])
@@ -19,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from llmudf.optimizer.encode import NULL, EncodedTable, encode, group_fields, to_table
-from llmudf.optimizer.ggr import GGRConfig, ggr_orders, sort_rows
+from llmudf.optimizer.encode import EncodedTable, encode, group_fields, to_table
+from llmudf.optimizer.ggr import GGRConfig, best_orders, sort_rows
 from llmudf.prompt import render_template, render_user_message
 
 
@@ -110,14 +111,21 @@ def plan_call(
     groups = group_fields(table.take(unique_rows), options.detect_dependencies and may_reorder)
     if may_reorder:
         config = GGRConfig(max_depth=options.max_depth, min_gain=options.min_gain)
-        orders = ggr_orders(groups.codes, groups.weights, config)
+        orders = best_orders(groups.codes, groups.weights, config)
     else:
         orders = np.tile(np.arange(len(groups.members)), (len(unique_rows), 1))
     send = sort_rows(groups.codes, orders) if options.reorder_rows else np.arange(len(orders))
     solver_seconds = time.perf_counter() - start
     return assemble_plan(
-        instruction, table, groups.members, unique_rows, row_to_unique, orders, send,
-        options.template, solver_seconds,
+        instruction,
+        table,
+        groups.members,
+        unique_rows,
+        row_to_unique,
+        orders,
+        send,
+        options.template,
+        solver_seconds,
     )
 
 
@@ -188,8 +196,10 @@ def _template_columns(fields, template: str):
             raise ValueError(f"template placeholders must name a field, got {{{name}}}")
         if name not in used:
             used.append(name)
-    columns = [str(c) for c in fields.columns] if isinstance(fields, pd.DataFrame) else list(
-        fields.column_names
+    columns = (
+        [str(c) for c in fields.columns]
+        if isinstance(fields, pd.DataFrame)
+        else list(fields.column_names)
     )
     missing = [n for n in used if n not in columns]
     if missing:

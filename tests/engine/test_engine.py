@@ -3,11 +3,11 @@
 import pyarrow as pa
 import pytest
 import torch
+
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.weights import load_model
-
 from llmudf.prompt import ChatPrompt
 
 GREEDY8 = SamplingParams(max_tokens=8, logprobs=True)
@@ -240,3 +240,50 @@ def test_default_model_greedy_answers_do_not_depend_on_the_cache():
     assert [o.text for o in with_cache] == [o.text for o in plain.generate(chats, params)]
     assert cached.stats.prefix_hit_rate > 0.3
     assert all(o.text.lower().startswith(("yes", "no")) for o in with_cache[:3])
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "year": {"type": "integer"},
+        "rating": {"type": "number"},
+        "kids": {"type": "boolean"},
+        "genre": {"enum": ["comedy", "drama", 10, 1]},
+    },
+}
+
+
+def test_json_schema_output_parses_and_follows_the_schema(tiny):
+    import json
+
+    engine = make_engine(tiny, num_kv_pages=2048)
+    outs = engine.generate(
+        prompts(4), SamplingParams(json_schema=SCHEMA, temperature=1.0, seed=1, top_k=40)
+    )
+    for out in outs:
+        assert out.finish_reason == "stop"
+        value = json.loads(out.text)
+        assert list(value) == list(SCHEMA["properties"])
+        assert isinstance(value["title"], str)
+        assert isinstance(value["year"], int) and not isinstance(value["year"], bool)
+        assert isinstance(value["rating"], int | float)
+        assert isinstance(value["kids"], bool)
+        assert value["genre"] in ["comedy", "drama", 10, 1]
+
+
+@pytest.mark.parametrize(
+    ("schema", "match"),
+    [
+        ({"type": "array"}, "object schema"),
+        ({"type": "object", "properties": {}}, "at least one property"),
+        ({"type": "object", "properties": {"a": {"type": "array"}}}, "unsupported type"),
+        ({"type": "object", "properties": {"a": {"enum": []}}}, "non-empty list"),
+    ],
+)
+def test_bad_json_schema(tiny, schema, match):
+    engine = make_engine(tiny)
+    with pytest.raises(ValueError, match=match):
+        engine.generate(prompts(1), SamplingParams(json_schema=schema))
+    with pytest.raises(ValueError, match="cannot both"):
+        SamplingParams(json_schema=SCHEMA, choices=["a"])

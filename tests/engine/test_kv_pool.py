@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.kv_pool import KVPool, KVShape
 

@@ -1,6 +1,7 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from llmudf.engine.kv_pool import KVPool, KVShape
 from llmudf.engine.radix_cache import RadixCache
 

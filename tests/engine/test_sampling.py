@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from llmudf.engine.sampling import ChoiceTrie, Sampler, SamplingParams, allowed_tokens
 
 GREEDY = SamplingParams()

@@ -30,7 +30,10 @@ def test_one_to_one_columns_are_grouped():
     groups = group_fields(encode(df))
     assert groups.members == ((0, 1), (2,))
     # a group's weight is the sum of its lines
-    assert groups.weights[0].tolist() == [len("id: 1\ntitle: A\n"), len("id: 2\ntitle: B\n"),
-                                          len("id: 3\ntitle: C\n")]
+    assert groups.weights[0].tolist() == [
+        len("id: 1\ntitle: A\n"),
+        len("id: 2\ntitle: B\n"),
+        len("id: 3\ntitle: C\n"),
+    ]
     assert np.array_equal(groups.codes[:, 0], [0, 1, 0, 2])
     assert group_fields(encode(df), detect_dependencies=False).members == ((0,), (1,), (2,))

@@ -3,7 +3,14 @@ import pandas as pd
 import pytest
 
 from llmudf.optimizer import PlanOptions, plan_call, prefix_hit_rate
-from llmudf.optimizer.ggr import GGRConfig, fixed_order, ggr_orders, shared_line_chars, sort_rows
+from llmudf.optimizer.ggr import (
+    GGRConfig,
+    best_orders,
+    fixed_order,
+    ggr_orders,
+    shared_line_chars,
+    sort_rows,
+)
 
 
 def join_table(num_movies, rng):
@@ -12,8 +19,15 @@ def join_table(num_movies, rng):
     for m in range(num_movies):
         lang = ["English", "French", "Japanese"][rng.integers(3)]
         for _ in range(rng.integers(1, 8)):
-            rows.append((f"Actor {rng.integers(400)}", f"Movie title {m}", int(1950 + m % 70),
-                         lang, ["PG", "R"][m % 2]))
+            rows.append(
+                (
+                    f"Actor {rng.integers(400)}",
+                    f"Movie title {m}",
+                    int(1950 + m % 70),
+                    lang,
+                    ["PG", "R"][m % 2],
+                )
+            )
     return pd.DataFrame(rows, columns=["actor", "title", "year", "language", "rating"])
 
 
@@ -59,6 +73,10 @@ def test_round_limit_keeps_orders_valid():
     assert shared_line_chars(codes, weights, ggr_orders(codes, weights)) >= shared_line_chars(
         codes, weights, np.tile(np.arange(4), (len(codes), 1))
     )
+    best = shared_line_chars(codes, weights, best_orders(codes, weights))
+    for power in (1.0, 2.0):
+        greedy = ggr_orders(codes, weights, GGRConfig(score_power=power))
+        assert best >= shared_line_chars(codes, weights, greedy)
     perm = sort_rows(codes, orders)
     assert sorted(perm.tolist()) == list(range(len(codes)))
 
