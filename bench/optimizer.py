@@ -24,14 +24,13 @@ import json
 import sqlite3
 import time
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from llmudf import paths
 from llmudf.optimizer import PlanOptions, plan_call, prefix_hit_rate
 from llmudf.optimizer.encode import encode, group_fields
-from llmudf.optimizer.exact import SearchTooLarge, _Solver, exact_orders
+from llmudf.optimizer.exact import SearchTooLarge, exact_orders, upper_bound
 from llmudf.optimizer.ggr import GGRConfig, best_orders, ggr_orders, shared_line_chars
 from llmudf.optimizer.plan import unique_row_map
 from llmudf.prompt import ChatPrompt
@@ -120,8 +119,7 @@ def optimum_ratios(df, render, num_samples, sample_rows, max_states) -> dict:
             _, best = exact_orders(groups.codes, groups.weights, max_states)
             num_exact += 1
         except SearchTooLarge:
-            solver = _Solver(groups.codes, groups.weights, 1)
-            best = solver._chain_bound(np.arange(len(unique)), (1 << len(groups.members)) - 1)
+            best = upper_bound(groups.codes, groups.weights)
         shared_head = head * (len(unique) - 1)
         worst_fields = min(worst_fields, greedy / best if best else 1.0)
         worst_rendered = min(worst_rendered, (shared_head + greedy) / (shared_head + best))

@@ -80,7 +80,16 @@ class FlightEngineClient:
 
     def generate(self, prompts: list, params, progress=None) -> list:
         """One Output per prompt (ChatPrompt or templated str), in prompt order."""
-        answers: dict[int, object] = {}
+        from llmudf.engine.request import Output
+
+        rows = self.generate_rows(prompts, params, progress)
+        return [Output(request_id=str(r.pop("id")), **r) for r in rows]
+
+    def generate_rows(self, prompts: list, params, progress=None) -> list[dict]:
+        """`generate` as plain dicts (the Output fields, `id` = prompt index): for callers
+        that must not import torch, such as Spark tasks. `params`: SamplingParams or a dict
+        of its fields."""
+        answers: dict[int, dict] = {}
         for attempt in range(self.max_restarts + 1):
             todo = [(i, p) for i, p in enumerate(prompts) if i not in answers]
             if not todo:
@@ -132,8 +141,6 @@ class FlightEngineClient:
             self._conn = None
 
     def _exchange(self, todo: list, params, answers: dict, progress) -> None:
-        from llmudf.engine.request import Output
-
         command = {"client_id": self.client_id, "params": _params_dict(params)}
         descriptor = flight.FlightDescriptor.for_command(json.dumps(command).encode())
         writer, reader = self._client().do_exchange(descriptor)
@@ -144,19 +151,11 @@ class FlightEngineClient:
             errors = []
             for chunk in reader:
                 for row in chunk.data.to_pylist():
-                    if row["error"] is not None:
-                        errors.append(f"prompt {row['id']}: {row['error']}")
+                    error = row.pop("error")
+                    if error is not None:
+                        errors.append(f"prompt {row['id']}: {error}")
                         continue
-                    answers[row["id"]] = Output(
-                        request_id=str(row["id"]),
-                        text=row["text"],
-                        token_ids=row["token_ids"],
-                        finish_reason=row["finish_reason"],
-                        num_prompt_tokens=row["num_prompt_tokens"],
-                        num_cached_tokens=row["num_cached_tokens"],
-                        num_generated_tokens=row["num_generated_tokens"],
-                        logprobs=row["logprobs"],
-                    )
+                    answers[row["id"]] = row
                     if progress is not None:
                         progress(1)
         if errors:
@@ -249,7 +248,8 @@ def _tail(path: Path, num_chars: int = 2000) -> str:
 
 
 def _params_dict(params) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()}
+    fields = params if isinstance(params, dict) else asdict(params)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
 def _request_table(todo: list) -> pa.Table:

@@ -30,8 +30,8 @@ class KVPool:
     >>> pool = KVPool(KVShape(num_layers=2, num_kv_heads=1, head_dim=4, page_size=8), 4)
     >>> pages = pool.allocate(3); pool.num_free_pages
     1
-    >>> pool.dec_ref(pages); pool.num_free_pages
-    4
+    >>> pool.dec_ref(pages)  # pages freed
+    3
     """
 
     def __init__(

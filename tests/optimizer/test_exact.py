@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from llmudf.optimizer import SearchTooLarge, exact_optimum, plan_call, prefix_hit_rate
-from llmudf.optimizer.exact import exact_orders
+from llmudf.optimizer.exact import exact_orders, upper_bound
 from llmudf.optimizer.ggr import ggr_orders, shared_line_chars
 
 
@@ -58,6 +58,7 @@ def test_exact_is_never_below_ggr_and_its_orders_achieve_its_value():
         greedy = ggr_orders(codes, weights)
         assert shared_line_chars(codes, weights, greedy) == trie_gain(codes, weights, greedy)
         assert trie_gain(codes, weights, orders) == gain >= trie_gain(codes, weights, greedy)
+        assert upper_bound(codes, weights) >= gain
 
 
 def test_ggr_equals_the_optimum_on_hand_made_cases():
