@@ -23,17 +23,17 @@ result cache make the retry give the same answers.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pandas as pd
 import pyarrow as pa
-from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 
 from llmudf.cache import open_cache
 from llmudf.client import get_client
 from llmudf.config import Config
 from llmudf.executor import run_call
 from llmudf.functions import FUNCTIONS, bind_call, is_options
+from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 from llmudf.prompt import ChatPrompt
 
 _ANSWER_SCHEMA = "i long, text string, p int, c int, g int"
@@ -58,18 +58,18 @@ class SparkClient:
 
         if not prompts:
             return []
-        rows = pd.DataFrame(
-            {
-                "i": range(len(prompts)),
-                "user": [p.user for p in prompts],
-                "system": [p.system for p in prompts],
-            }
-        )
         parts = max(1, min(self.num_partitions, len(prompts)))
-        df = self.spark.createDataFrame(rows, "i long, user string, system string")
-        answer = _answer_partition(self.config, params)
-        result = df.repartitionByRange(parts, "i").mapInArrow(answer, _ANSWER_SCHEMA)
-        table = result.toArrow().sort_by("i")
+        # contiguous position ranges, one per task: range partitions by send order without a
+        # shuffle or a sampling job; the prompts travel with the task's function (Spark
+        # broadcasts a large one)
+        answer = _answer_partition(
+            self.config,
+            asdict(params),
+            [p.user for p in prompts],
+            [p.system for p in prompts],
+        )
+        requests = self.spark.range(0, len(prompts), 1, parts)
+        table = requests.mapInArrow(answer, _ANSWER_SCHEMA).toArrow().sort_by("i")
         if progress is not None:
             progress(table.num_rows)
         return [
@@ -87,25 +87,35 @@ def _task_client(config: Config):
     return get_client(config)
 
 
-def _answer_partition(config: Config, params):
+def _answer_rows(client, prompts: list, params: dict) -> list[dict]:
+    """Answers as dicts of Output fields; the Flight client needs no torch in the task."""
+    if hasattr(client, "generate_rows"):
+        return client.generate_rows(prompts, params)
+    from llmudf.engine.sampling import SamplingParams
+
+    return [asdict(o) for o in client.generate(prompts, SamplingParams(**params))]
+
+
+def _answer_partition(config: Config, params: dict, users: list, systems: list):
+    schema = pa.schema(
+        [("i", pa.int64()), ("text", pa.string())] + [(n, pa.int32()) for n in ("p", "c", "g")]
+    )
+
     def answer(batches):
         client = _task_client(config)
         for batch in batches:
-            rows = batch.to_pydict()
-            prompts = [ChatPrompt(u, s) for u, s in zip(rows["user"], rows["system"], strict=True)]
-            outs = client.generate(prompts, params) if prompts else []
+            ids = batch.column(0).to_pylist()
+            prompts = [ChatPrompt(users[i], systems[i]) for i in ids]
+            rows = _answer_rows(client, prompts, params) if prompts else []
             yield pa.RecordBatch.from_pydict(
                 {
-                    "i": rows["i"],
-                    "text": [o.text for o in outs],
-                    "p": [o.num_prompt_tokens for o in outs],
-                    "c": [o.num_cached_tokens for o in outs],
-                    "g": [o.num_generated_tokens for o in outs],
+                    "i": ids,
+                    "text": [r["text"] for r in rows],
+                    "p": [r["num_prompt_tokens"] for r in rows],
+                    "c": [r["num_cached_tokens"] for r in rows],
+                    "g": [r["num_generated_tokens"] for r in rows],
                 },
-                schema=pa.schema(
-                    [("i", pa.int64()), ("text", pa.string())]
-                    + [(n, pa.int32()) for n in ("p", "c", "g")]
-                ),
+                schema=schema,
             )
 
     return answer
@@ -139,9 +149,7 @@ def sql(spark, query: str, config: Config | None = None, **options):
         table = args.append_column(ANSWER, result.answers)
         table = table.append_column(FOUND, pa.array([True] * args.num_rows, pa.bool_()))
         name = f"__llm_answers_{next(_NAMES)}"
-        spark.createDataFrame(
-            table.to_pandas(), schema=_spark_schema(table)
-        ).createOrReplaceTempView(name)
+        spark.createDataFrame(table, schema=_spark_schema(table)).createOrReplaceTempView(name)
         return name
 
     try:

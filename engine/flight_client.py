@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.flight as flight
 from filelock import FileLock
-from llmudf.engine.server import REQUEST_SCHEMA
 
 from llmudf import paths
+from llmudf.engine.server import REQUEST_SCHEMA
 from llmudf.prompt import ChatPrompt
 
 # the server is gone or going: start / find another and re-send what is unanswered

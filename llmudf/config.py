@@ -88,13 +88,13 @@ class Config:
                 )
         elif self.api_key is not None:
             raise ValueError(f"api_key is only used with backend='openai', not {self.backend!r}")
-        if self.backend == "server" and self.endpoint is not None:
-            if not self.endpoint.startswith(_SERVER_SCHEMES):
-                raise ValueError(
-                    "backend='server' needs endpoint= a Flight location "
-                    "('grpc://host:port' or 'grpc+unix:///path/to/socket'), or None for this "
-                    f"machine's server; got {self.endpoint!r}"
-                )
+        is_server = self.backend == "server" and self.endpoint is not None
+        if is_server and not self.endpoint.startswith(_SERVER_SCHEMES):
+            raise ValueError(
+                "backend='server' needs endpoint= a Flight location "
+                "('grpc://host:port' or 'grpc+unix:///path/to/socket'), or None for this "
+                f"machine's server; got {self.endpoint!r}"
+            )
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> Config:

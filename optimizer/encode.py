@@ -120,7 +120,13 @@ def group_fields(table: EncodedTable, detect_dependencies: bool = True) -> Field
     codes = np.empty((table.num_rows, len(groups)), np.int64)
     weights = []
     for g, cols in enumerate(groups):
-        uniq, codes[:, g] = np.unique(table.codes[:, list(cols)], axis=0, return_inverse=True)
+        if len(cols) == 1:  # codes are already in text order; NULL (-1) becomes 0
+            present = np.unique(table.codes[:, cols[0]])
+            codes[:, g] = np.searchsorted(present, table.codes[:, cols[0]])
+            uniq = present[:, None]
+        else:  # lexicographic over the members, so code order stays text order
+            uniq, inverse = np.unique(table.codes[:, list(cols)], axis=0, return_inverse=True)
+            codes[:, g] = inverse.reshape(-1)
         weight = np.zeros(len(uniq), np.int64)
         for k, c in enumerate(cols):
             lengths = table.line_lengths(c)
@@ -128,6 +134,22 @@ def group_fields(table: EncodedTable, detect_dependencies: bool = True) -> Field
             weight[present] += lengths[uniq[present, k]]
         weights.append(weight)
     return FieldGroups(groups, codes, tuple(weights))
+
+
+def factorize_rows(codes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Row ids [n] int64 in order of first appearance, and how many distinct rows.
+
+    One hash factorization per column (combining the ids so far with the next column),
+    O(n * k); sorting rows with np.unique(axis=0) is several times slower.
+    """
+    num_rows = codes.shape[0]
+    ids = np.zeros(num_rows, np.int64)
+    num_ids = 1 if num_rows else 0
+    for c in range(codes.shape[1]):
+        span = int(codes[:, c].max()) + 2 if num_rows else 1  # codes start at NULL = -1
+        ids, uniq = pd.factorize(ids * span + codes[:, c] + 1)
+        num_ids = len(uniq)
+    return ids.astype(np.int64), num_ids
 
 
 # ---- private helpers -------------------------------------------------------------------

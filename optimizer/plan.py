@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from llmudf.optimizer.encode import EncodedTable, encode, group_fields, to_table
+from llmudf.optimizer.encode import EncodedTable, encode, factorize_rows, group_fields, to_table
 from llmudf.optimizer.ggr import GGRConfig, best_orders, sort_rows
 from llmudf.prompt import render_template, render_user_message
 
@@ -134,13 +134,8 @@ def unique_row_map(codes: np.ndarray, dedup: bool = True) -> tuple[np.ndarray, n
     num_rows = codes.shape[0]
     if not dedup or num_rows == 0:
         return np.arange(num_rows), np.arange(num_rows)
-    if codes.shape[1] == 0:
-        return np.zeros(1, np.int64), np.zeros(num_rows, np.int64)
-    _, first, inverse = np.unique(codes, axis=0, return_index=True, return_inverse=True)
-    by_first = np.argsort(first)
-    rank = np.empty_like(by_first)
-    rank[by_first] = np.arange(len(first))
-    return first[by_first], rank[inverse.reshape(-1)]
+    ids, _ = factorize_rows(codes)
+    return np.unique(ids, return_index=True)[1], ids  # ids count up in first-seen order
 
 
 def assemble_plan(
@@ -159,9 +154,8 @@ def assemble_plan(
     texts = [[*t.tolist(), None] for t in table.texts]  # code -1 (NULL) -> None
     request_rows = unique_rows[send]
     cells = table.codes[request_rows].tolist()
-    distinct_orders, order_of = (
-        np.unique(orders[send], axis=0, return_inverse=True) if len(send) else (orders, send)
-    )
+    order_of, _ = factorize_rows(orders[send])
+    distinct_orders = orders[send][np.unique(order_of, return_index=True)[1]]
     column_orders = [tuple(c for g in o for c in members[g]) for o in distinct_orders.tolist()]
     name_orders = [tuple(names[c] for c in o) for o in column_orders]
     field_orders, prompts = [], []

@@ -11,11 +11,11 @@ import sys
 import time
 
 import pytest
+
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.flight_client import FlightEngineClient
 from llmudf.engine.sampling import SamplingParams
-
 from llmudf.prompt import ChatPrompt
 
 ENGINE = {"num_kv_pages": 256}

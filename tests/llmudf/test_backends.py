@@ -5,13 +5,13 @@ same answers; bad backend settings are clear errors."""
 from __future__ import annotations
 
 import pytest
-from llmudf.connectors.openai_backend import OpenAIClient
-from llmudf.engine.flight_client import FlightEngineClient
-from llmudf.engine.server import EngineServer, ServerConfig
 
 import llmudf
 from llmudf.client import InProcessClient, get_client
 from llmudf.config import Config
+from llmudf.connectors.openai_backend import OpenAIClient
+from llmudf.engine.flight_client import FlightEngineClient
+from llmudf.engine.server import EngineServer, ServerConfig
 
 QUERY = (
     "SELECT t, llm('Summarize.', t) AS s, llm_filter('Keep?', t) AS k, "
