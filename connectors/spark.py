@@ -33,7 +33,7 @@ from llmudf.client import get_client
 from llmudf.config import Config
 from llmudf.executor import run_call
 from llmudf.functions import FUNCTIONS, bind_call, is_options
-from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
+from llmudf.optimizer.rewrite import ANSWER, FOUND, KEY, QueryRewrite, UnsupportedQuery
 from llmudf.prompt import ChatPrompt
 
 _ANSWER_SCHEMA = "i long, text string, p int, c int, g int"
@@ -150,7 +150,7 @@ def sql(spark, query: str, config: Config | None = None, **options):
         table = table.append_column(FOUND, pa.array([True] * args.num_rows, pa.bool_()))
         name = f"__llm_answers_{next(_NAMES)}"
         spark.createDataFrame(table, schema=_spark_schema(table)).createOrReplaceTempView(name)
-        return name
+        return _with_fallback(spark, site, name, args.num_columns)
 
     try:
         rewrite.run(run_sql, answer)
@@ -159,10 +159,32 @@ def sql(spark, query: str, config: Config | None = None, **options):
     return spark.sql(_answers_only(rewrite.tree).sql("spark"))
 
 
+def _with_fallback(spark, site, answers: str, num_keys: int) -> str:
+    """A view of `answers` plus the per-batch UDF's answers to the argument tuples that reach
+    the call but have no answer (the source changed since the rewrite read it), computed
+    when the final query runs: a second pass over the misses alone, usually none."""
+    from sqlglot import exp
+
+    if not num_keys:
+        return answers
+    keys = [f"{KEY}{j}" for j in range(num_keys)]
+    position = {key: j for j, key in enumerate(site.keys)}
+    call = site.node.copy().transform(
+        lambda node: exp.column(keys[position[node]], "m") if node in position else node
+    )
+    on = " AND ".join(f"m.{k} <=> a.{k}" for k in keys)
+    spark.sql(
+        f"SELECT * FROM {answers} UNION ALL "
+        f"SELECT {', '.join(f'm.{k}' for k in keys)}, {call.sql('spark')} AS {ANSWER}, "
+        f"TRUE AS {FOUND} FROM ({site.args_sql}) AS m LEFT ANTI JOIN {answers} AS a ON {on}"
+    ).createOrReplaceTempView(f"{answers}_all")
+    return f"{answers}_all"
+
+
 def _answers_only(tree):
     """Spark evaluates a Python UDF in every CASE branch, on every row: read the joined
-    answers directly instead of `CASE WHEN found THEN answer ELSE <udf> END`. The answers
-    cover every distinct argument tuple of the rows that reach each call."""
+    answers directly instead of `CASE WHEN found THEN answer ELSE <udf> END`. Every tuple
+    of arguments that reaches a call is in its answers view (`_with_fallback`)."""
     from sqlglot import exp
 
     for case in list(tree.find_all(exp.Case)):

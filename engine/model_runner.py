@@ -1,7 +1,8 @@
 """The model runner: turns a ScheduledBatch into one flat forward pass and samples.
 
 Every scheduled token of every sequence goes into one flat batch ([T]); logits are computed
-only for the last token of the sequences that sample this step.
+only for the last token of the sequences that sample this step (the model's last layer
+runs its o_proj and MLP on those tokens only).
 """
 
 from __future__ import annotations
@@ -62,14 +63,13 @@ class ModelRunner:
         positions = torch.arange(len(input_ids), device=self.device)
         positions += torch.repeat_interleave(offsets, counts_t)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model.forward(ids, positions, meta, self._kv_caches)  # [T, H]
-
         rows = [i for i, seq in enumerate(seqs) if seq_lens[i] == len(seq)]
+        last = (cu[1:] - 1)[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        hidden = self.model.forward(ids, positions, meta, self._kv_caches, last)  # [N, H]
         if not rows:
             return []
         sampling = [seqs[i] for i in rows]
-        last = (cu[1:] - 1)[torch.tensor(rows, device=self.device)]
-        logits = self.model.compute_logits(hidden[last])[:, : self.vocab_size]  # [N, V] fp32
+        logits = self.model.compute_logits(hidden)[:, : self.vocab_size]  # [N, V] fp32
         tokens, logprobs = self.sampler.sample(
             logits,
             [seq.params for seq in sampling],

@@ -90,72 +90,52 @@ def store_kv(
 
 
 @dataclass
-class _PaddedBatch:
-    """Sequences whose new tokens run as one SDPA call, padded to `q_len` queries and
-    `num_pages * page_size` keys each. Padding queries repeat their sequence's last token and
-    padding keys are masked out, so no row is fully masked and real rows are unchanged."""
-
-    q_rows: torch.Tensor  # [B*q_len] flat-batch row of each (padded) query slot
-    pages: torch.Tensor  # [B, num_pages] page ids (padding pages are masked)
-    mask: torch.Tensor  # [B, 1, G*q_len, num_pages * page_size] bool, True = attend
+class _Prefill:
+    q_start: int
     q_len: int
-    keep: torch.Tensor | None  # [T_b] real slots among the B*q_len; None: no padding
-    out_rows: torch.Tensor  # [T_b] flat-batch rows the real slots' outputs go to
+    k_len: int
+    pages: torch.Tensor  # [ceil(k_len / page_size)] page ids
+    mask: torch.Tensor | None  # [G*q_len, k_len] bool, True = attend; None: plain causal, G == 1
 
 
 @dataclass
 class _TorchPlan:
     """Index tensors shared by all layers of one step (built once from the metadata). K/V are
-    gathered a whole page at a time, which copies far faster than token by token. Decodes
-    and prefill chunks run as two padded batches: one SDPA call per layer for each instead
-    of one per prefill chunk (the per-call overhead dominated on CPU)."""
+    gathered a whole page at a time, which copies far faster than token by token."""
 
-    batches: list[_PaddedBatch]
+    decode_rows: torch.Tensor | None  # [Bd] flat-batch rows of single-token sequences
+    decode_pages: torch.Tensor | None  # [Bd, max_pages] page ids (padding pages are masked)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_pages * page_size] bool, True = attend
+    prefills: list[_Prefill]
 
 
 def _plan(meta: AttentionMetadata, page_size: int, group: int) -> _TorchPlan:
     cu = meta.cu_seqlens_q.tolist()
     seq_lens = meta.seq_lens.tolist()
-    decodes, prefills = [], []
-    for b in range(len(seq_lens)):
-        (decodes if cu[b + 1] - cu[b] == 1 else prefills).append(b)
-    batches = [
-        _padded_batch(meta, cu, seq_lens, seqs, page_size, group)
-        for seqs in (decodes, prefills)
-        if seqs
-    ]
-    return _TorchPlan(batches)
-
-
-def _padded_batch(
-    meta: AttentionMetadata,
-    cu: list[int],
-    seq_lens: list[int],
-    seqs: list[int],
-    page_size: int,
-    group: int,
-) -> _PaddedBatch:
     device = meta.block_tables.device
-    q_lens = [cu[b + 1] - cu[b] for b in seqs]
-    max_q = max(q_lens)
-    max_pages = -(-max(seq_lens[b] for b in seqs) // page_size)
-    # padding slot i >= q_len repeats the last token: row cu[b] + q_len - 1
-    slot = torch.arange(max_q, device=device)[None, :]  # [1, Lq]
-    q_len_t = torch.tensor(q_lens, device=device)[:, None]  # [B, 1]
-    real = slot < q_len_t  # [B, Lq]
-    slot = torch.minimum(slot, q_len_t - 1)
-    start = torch.tensor([cu[b] for b in seqs], device=device)[:, None]
-    k_len = torch.tensor([seq_lens[b] for b in seqs], device=device)[:, None]
-    q_pos = k_len - q_len_t + slot  # [B, Lq] position of each query slot
-    key = torch.arange(max_pages * page_size, device=device)
-    mask = key[None, None, :] <= q_pos[:, :, None]  # [B, Lq, L], causal (and within k_len)
-    # the query heads of one KV head are folded into the query length: G copies, g-major
-    mask = mask.repeat(1, group, 1)[:, None]
-    q_rows = (start + slot).flatten()
-    keep = None if all(n == max_q for n in q_lens) else real.flatten().nonzero().squeeze(1)
-    out_rows = q_rows if keep is None else q_rows[keep]
-    tables = meta.block_tables[torch.tensor(seqs, device=device), :max_pages].long()
-    return _PaddedBatch(q_rows, tables, mask, max_q, keep, out_rows)
+    tables = meta.block_tables.long()
+    decodes, prefills = [], []
+    for b, k_len in enumerate(seq_lens):
+        q_len = cu[b + 1] - cu[b]
+        if q_len == 1:
+            decodes.append(b)
+            continue
+        mask = None
+        if q_len != k_len or group > 1:
+            # causal, shifted by the cached prefix; G stacked copies for the folded GQA rows
+            q_pos = torch.arange(k_len - q_len, k_len, device=device)
+            mask = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
+            mask = mask.repeat(group, 1)
+        pages = tables[b, : -(-k_len // page_size)]
+        prefills.append(_Prefill(cu[b], q_len, k_len, pages, mask))
+    if not decodes:
+        return _TorchPlan(None, None, None, prefills)
+    lens = torch.tensor([seq_lens[b] for b in decodes], device=device)
+    max_pages = -(-int(lens.max()) // page_size)
+    rows = torch.tensor([cu[b] for b in decodes], device=device)
+    pages = tables[torch.tensor(decodes, device=device), :max_pages]
+    mask = torch.arange(max_pages * page_size, device=device)[None, :] < lens[:, None]
+    return _TorchPlan(rows, pages, mask[:, None, None, :], prefills)
 
 
 def paged_attention(
@@ -168,9 +148,9 @@ def paged_attention(
     """Causal attention of the new tokens over their sequences' paged K/V (torch reference).
 
     q: [T, Hq, D] (Hq a multiple of Hkv); the new tokens' K/V must already be stored with
-    `store_kv`. Returns [T, Hq, D]. Decodes run as one batched SDPA call and prefill chunks
-    as another (padded and masked); the query heads of one KV head are folded into the query
-    length so GQA needs no K/V copies.
+    `store_kv`. Returns [T, Hq, D]. Decodes run as one batched SDPA call, each prefill chunk
+    as its own call; the query heads of one KV head are folded into the query length so GQA
+    needs no K/V copies.
     """
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -179,19 +159,30 @@ def paged_attention(
     group = num_heads // num_kv_heads
     if meta._plan is None:
         meta._plan = _plan(meta, page_size, group)
+    plan = meta._plan
     out = torch.empty_like(q)
-    for pb in meta._plan.batches:
-        num_seqs, max_pages = pb.pages.shape
-        # [B*Lq, Hkv*G, D] -> [B, Hkv, G*Lq, D] (4-D inputs keep SDPA on its fused CPU kernel)
-        qb = q[pb.q_rows].view(num_seqs, pb.q_len, num_kv_heads, group, head_dim)
-        qb = qb.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group * pb.q_len, head_dim)
+    if plan.decode_rows is not None:
+        num_seqs, max_pages = plan.decode_pages.shape
+        qd = q[plan.decode_rows].view(num_seqs, num_kv_heads, group, head_dim)
         shape = (num_seqs, max_pages * page_size, num_kv_heads, head_dim)
-        kb = k_cache[pb.pages].view(shape).transpose(1, 2)  # [B, Hkv, L, D]
-        vb = v_cache[pb.pages].view(shape).transpose(1, 2)
-        ob = F.scaled_dot_product_attention(
-            qb, kb.to(q.dtype), vb.to(q.dtype), attn_mask=pb.mask, scale=scale
+        kd = k_cache[plan.decode_pages].view(shape).transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+        vd = v_cache[plan.decode_pages].view(shape).transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=plan.decode_mask, scale=scale
         )
-        ob = ob.view(num_seqs, num_kv_heads, group, pb.q_len, head_dim).permute(0, 3, 1, 2, 4)
-        ob = ob.reshape(num_seqs * pb.q_len, num_heads, head_dim)
-        out[pb.out_rows] = ob if pb.keep is None else ob[pb.keep]
+        out[plan.decode_rows] = od.reshape(num_seqs, num_heads, head_dim)
+    for p in plan.prefills:
+        # [q_len, Hkv*G, D] -> [1, Hkv, G*q_len, D]: rows of one KV head's group stacked
+        # (4-D inputs keep SDPA on its fused CPU kernel; 3-D ones fall back to the math path)
+        qp = q[p.q_start : p.q_start + p.q_len].view(p.q_len, num_kv_heads, group, head_dim)
+        qp = qp.permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * p.q_len, head_dim)
+        kp = k_cache[p.pages].view(-1, num_kv_heads, head_dim)[: p.k_len]
+        vp = v_cache[p.pages].view(-1, num_kv_heads, head_dim)[: p.k_len]
+        kp = kp.transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, L, D]
+        vp = vp.transpose(0, 1)[None].to(q.dtype)
+        op = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, scale=scale
+        )
+        op = op.view(num_kv_heads, group, p.q_len, head_dim).permute(2, 0, 1, 3)
+        out[p.q_start : p.q_start + p.q_len] = op.reshape(p.q_len, num_heads, head_dim)
     return out

@@ -51,5 +51,9 @@ def rotary_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Te
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, H, D] by the angles of its tokens' positions (cos, sin: [T, D])."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    # x * cos + cat([-x2, x1]) * sin, written half by half (same rounding, fewer temporaries)
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out

@@ -49,6 +49,7 @@ class CallSite:
     pushed: list[str] = field(default_factory=list)  # what ran below this call
     num_rows: int = 0
     num_distinct: int = 0
+    args_sql: str = ""  # the query of the distinct argument tuples this call was answered for
 
     @property
     def label(self) -> str:

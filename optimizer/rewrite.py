@@ -108,7 +108,8 @@ class QueryRewrite:
         args_sql = args_sql.from_(rows.subquery("__llm_rows"))
         if site.keys:
             args_sql = args_sql.group_by(*[exp.column(f"{KEY}{j}") for j in range(len(keys))])
-        args = self._run_sql(self._with_ctes(scope, args_sql).sql(self.dialect))
+        site.args_sql = self._with_ctes(scope, args_sql).sql(self.dialect)
+        args = self._run_sql(site.args_sql)
         site.num_rows = int(pc.sum(args[COUNT]).as_py() or 0)
         site.num_distinct = args.num_rows if site.num_rows else 0
         site.pushed = self._pushed(scope, done, pushdown)

@@ -53,18 +53,29 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, meta: AttentionMetadata, kv_cache: KVCache, rows=None
+    ) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden], or [N, hidden] for the flat-batch `rows` [N] only
+        (every token's K/V is still stored)."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.q_size, self.kv_size
+        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:
+            # q and k side by side in one rotary call: [T, Hq + Hkv, D]
+            qk = qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim)
+            qk = apply_rotary(qk, cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
+            k = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.view(num_tokens, self.q_size))
+        out = out.view(num_tokens, self.q_size)
+        return self.o_proj(out if rows is None else out[rows])
 
 
 class MLP(nn.Module):
@@ -76,7 +87,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -87,9 +98,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, meta, kv_cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, meta, kv_cache, rows=None) -> torch.Tensor:
+        """x: [T, hidden], updated in place; with `rows` [N], a new [N, hidden] of those rows."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache, rows)
+        x = x.add_(h) if rows is None else h.add_(x[rows])
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
 
 # HF weight name suffix -> (our fused parameter, shard index); shards are concatenated on dim 0
@@ -131,15 +144,19 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         kv_caches: list[KVCache],
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
+        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm, or
+        [N, hidden] for the flat-batch `output_rows` [N] only: the last layer then skips its
+        o_proj and MLP on the other tokens, whose K/V is all a later step needs."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         dtype = self.embed_tokens.weight.dtype
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         x = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, meta, kv_cache)
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x = layer(x, cos, sin, meta, kv_cache, output_rows if i == last else None)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,24 @@ def test_filter_in_where_matches_projection(env, duckdb_answers):
     assert got == [i for i, _, f in duckdb_answers if f]
 
 
+def test_rows_without_an_answer_get_one_in_a_second_pass(env, tmp_path):
+    import llmudf.spark as lspark
+
+    spark = env["spark"]
+    spark.sql(f"CREATE TABLE genres (Genre STRING) USING parquet LOCATION '{tmp_path / 'g'}'")
+    spark.sql("INSERT INTO genres VALUES ('Drama'), ('Comedy'), ('Drama')")
+    query = "SELECT Genre, llm_filter('Is it a drama?', Genre) AS f FROM genres ORDER BY Genre"
+    try:
+        frame = lspark.sql(spark, query, config=config(env))  # answered: Drama, Comedy
+        spark.sql("INSERT INTO genres VALUES ('Horror'), ('Drama')")  # a row the rewrite missed
+        got = rows(frame)
+        assert [g for g, _ in got] == ["Comedy", "Drama", "Drama", "Drama", "Horror"]
+        assert got == rows(lspark.sql(spark, query, config=config(env)))
+        assert None not in [f for _, f in got]
+    finally:
+        spark.sql("DROP TABLE genres")
+
+
 def test_killed_server_mid_query_still_returns_complete_answers(env, duckdb_answers):
     from llmudf.engine.flight_client import FlightEngineClient, node_server
 
