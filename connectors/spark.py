@@ -135,7 +135,7 @@ def sql(spark, query: str, config: Config | None = None, **options):
         return spark.sql(query)
     if not rewrite.sites:
         return spark.sql(query)
-    if not config.rewrite:
+    if not config.rewrite or _is_nondeterministic(rewrite):
         return spark.sql(rewrite.udf_sql())
     cache = open_cache(config.cache_dir) if config.cache else None
     client = SparkClient(spark, config)
@@ -179,6 +179,29 @@ def _with_fallback(spark, site, answers: str, num_keys: int) -> str:
         f"TRUE AS {FOUND} FROM ({site.args_sql}) AS m LEFT ANTI JOIN {answers} AS a ON {on}"
     ).createOrReplaceTempView(f"{answers}_all")
     return f"{answers}_all"
+
+
+# functions whose values change on every evaluation: answers computed for the rows of one
+# evaluation cannot be joined back to the rows of another, so such queries run per batch
+_NONDETERMINISTIC = {
+    "RAND",
+    "RANDN",
+    "UUID",
+    "SHUFFLE",
+    "MONOTONICALLY_INCREASING_ID",
+    "SPARK_PARTITION_ID",
+    "INPUT_FILE_NAME",
+}
+
+
+def _is_nondeterministic(rewrite) -> bool:
+    from sqlglot import exp
+
+    for func in rewrite.tree.find_all(exp.Func):
+        name = func.name if isinstance(func, exp.Anonymous) else func.sql_name()
+        if name.upper() in _NONDETERMINISTIC:
+            return True
+    return False
 
 
 def _answers_only(tree):

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from llmudf.engine.model_config import ModelConfig
 from llmudf.kernels import (
     AttentionMetadata,
@@ -20,7 +22,6 @@ from llmudf.kernels import (
     rope_inv_freq,
     store_kv,
 )
-from torch import nn
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_pages, page_size, num_kv_heads, head_dim]
 
