@@ -26,7 +26,7 @@ MAX_STRING_TOKENS = 64
 MAX_NUMBER_TOKENS = 8
 _SCALARS = ("string", "number", "integer", "boolean")
 _DIGITS = re.compile(r"[0-9]+")
-_DECIMAL = re.compile(r"[0-9]*\.[0-9]*")  # a token holding the one decimal point
+_DECIMAL = re.compile(r"[0-9]*\.[0-9]+")  # the one decimal point, digits after it
 
 
 @dataclass(slots=True)
@@ -53,18 +53,25 @@ class JsonPlan:
     """The schema compiled against one tokenizer: skeleton literals and value slots in order,
     plus the token sets strings and numbers may use."""
 
-    def __init__(self, pieces, string_tokens, close_quote, digit_tokens, decimal_tokens):
+    def __init__(
+        self, pieces, string_tokens, close_quote, digit_tokens, decimal_tokens, token_strings
+    ):
         self.pieces = pieces
         self.string_tokens = string_tokens
         self.close_quote = close_quote
         self.digit_tokens = digit_tokens
         self.decimal_tokens = decimal_tokens
+        # JSON numbers have no leading zeros: a number starts with "0" alone or a non-zero digit
+        self.zero_tokens = [i for i in digit_tokens if token_strings[i] == "0"]
+        self.first_digit_tokens = [i for i in digit_tokens if token_strings[i][0] != "0"]
+        self.first_digit_tokens += self.zero_tokens
+        self.dot_tokens = [i for i in decimal_tokens if token_strings[i][0] == "."]
 
     @classmethod
     def build(
         cls, schema: dict, encode: Callable[[str], list[int]], token_strings: list[str]
     ) -> JsonPlan:
-        properties = _check_schema(schema)
+        properties = check_schema(schema)
         pieces: list = []
         text = "{"
         for i, (name, spec) in enumerate(properties.items()):
@@ -89,15 +96,15 @@ class JsonPlan:
             raise ValueError("this tokenizer has no single token for '\"'; JSON strings need one")
         safe = [i for i, s in enumerate(token_strings) if s and _is_safe_string_piece(s)]
         digits = [i for i, s in enumerate(token_strings) if s and _DIGITS.fullmatch(s)]
-        decimals = [i for i, s in enumerate(token_strings) if _DECIMAL.fullmatch(s) and s != "."]
-        return cls(pieces, safe + quote, quote[0], digits, decimals)
+        decimals = [i for i, s in enumerate(token_strings) if _DECIMAL.fullmatch(s)]
+        return cls(pieces, safe + quote, quote[0], digits, decimals, token_strings)
 
 
 class JsonState:
     """Where one request is in its JSON plan. `allowed()` lists the tokens it may take next;
     `advance(token)` takes one and returns True when the object is complete."""
 
-    __slots__ = ("plan", "index", "offset", "node", "count", "seen_dot")
+    __slots__ = ("plan", "index", "offset", "node", "count", "seen_dot", "is_zero")
 
     def __init__(self, plan: JsonPlan):
         self.plan = plan
@@ -106,6 +113,7 @@ class JsonState:
         self.node: TrieNode | None = None  # position in the current choice trie
         self.count = 0  # tokens emitted in the current string / number
         self.seen_dot = False
+        self.is_zero = False  # the number so far is exactly "0"
 
     def allowed(self) -> list[int]:
         piece = self.plan.pieces[self.index]
@@ -122,10 +130,12 @@ class JsonState:
             return self.plan.string_tokens
         digits = self.plan.digit_tokens
         if self.count == 0:
-            return digits
+            return self.plan.first_digit_tokens
         follow = self.plan.pieces[self.index + 1].tokens[0]
         if self.count >= MAX_NUMBER_TOKENS:
             return [follow]
+        if self.is_zero:
+            return [follow] if piece.integer else [*self.plan.dot_tokens, follow]
         if piece.integer or self.seen_dot:
             return [*digits, follow]
         return [*digits, *self.plan.decimal_tokens, follow]
@@ -150,13 +160,15 @@ class JsonState:
         if self.count > 0 and token == self.plan.pieces[self.index + 1].tokens[0]:
             self._next()  # the number ended; this token was the next literal's first
             return self.advance(token)
+        self.is_zero = self.count == 0 and token in self.plan.zero_tokens
         self.count += 1
         self.seen_dot = self.seen_dot or token in self.plan.decimal_tokens
         return False
 
     def _next(self) -> bool:
         self.index += 1
-        self.offset, self.node, self.count, self.seen_dot = 0, None, 0, False
+        self.offset, self.node, self.count = 0, None, 0
+        self.seen_dot = self.is_zero = False
         return self.index == len(self.plan.pieces)
 
 
@@ -164,7 +176,8 @@ def _is_safe_string_piece(s: str) -> bool:
     return '"' not in s and "\\" not in s and all(ord(c) >= 0x20 for c in s)
 
 
-def _check_schema(schema) -> dict:
+def check_schema(schema) -> dict:
+    """The schema's properties if the constraint supports it; ValueError saying why if not."""
     if not isinstance(schema, dict) or schema.get("type") != "object":
         raise ValueError('json_schema must be an object schema: {"type": "object", ...}')
     properties = schema.get("properties")

@@ -12,6 +12,7 @@ optimizer plan -> result-cache lookup -> one engine batch -> cache fill -> parse
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,7 +80,6 @@ def run_call(
     """
     start = time.perf_counter()
     config = spec.config(config)
-    fields = _without_all_null_columns(fields)
     num_rows = fields.num_rows
     stats = CallStats(spec.site or spec.function.name, num_rows=num_rows)
     options = PlanOptions(
@@ -135,21 +135,19 @@ def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
 
 
 def _sampling_params(decoding: dict):
+    from llmudf.engine.json_schema import check_schema
     from llmudf.engine.sampling import SamplingParams
 
-    # the engine has no JSON-schema constraint: llm_json generates, then validates
-    kwargs = {k: v for k, v in decoding.items() if k != "json_schema"}
+    kwargs = dict(decoding)
+    schema = kwargs.get("json_schema")
+    if schema is not None:
+        # the engine constrains flat object schemas; richer ones (nested objects, arrays)
+        # generate freely and are validated afterwards (an invalid answer is NULL)
+        try:
+            check_schema(json.loads(schema))
+        except ValueError:
+            del kwargs["json_schema"]
     return SamplingParams(**kwargs)
-
-
-def _without_all_null_columns(fields: pa.Table) -> pa.Table:
-    """Drop columns with no value: a NULL field's line is left out of the prompt anyway."""
-    empty = [
-        c
-        for c, col in zip(fields.column_names, fields.columns, strict=True)
-        if col.null_count == len(col)
-    ]
-    return fields.drop_columns(empty) if empty and fields.num_rows else fields
 
 
 def _group_by_instruction(instruction, num_rows: int) -> dict[str, list[int]]:

@@ -158,6 +158,8 @@ def factorize_rows(codes: np.ndarray) -> tuple[np.ndarray, int]:
 def _encode_column(column) -> tuple[np.ndarray, np.ndarray]:
     """codes [n] int64 (NULL = -1) and the sorted distinct rendered texts."""
     raw_codes, values = _factorize_raw(column)
+    if len(values) == 0:  # an all-NULL (or empty) column
+        return np.full(len(raw_codes), NULL, np.int64), np.array([], dtype=object)
     rendered = [format_value(v) for v in values]
     is_null = np.fromiter((t is None for t in rendered), bool, len(rendered))
     # distinct raw values may render the same (1 and 1.0): factorize the text again

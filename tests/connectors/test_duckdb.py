@@ -175,3 +175,30 @@ def test_prompt_over_the_context_length_names_the_call_site(make_config):
     with pytest.raises(LLMCallError, match=r"llm #1 in SELECT: .*64"):
         con.sql("SELECT llm('Summarize', title) FROM m").fetchall()
     con.close()
+
+
+def test_llm_json_answers_validate_against_a_flat_schema(make_config):
+    """A flat object schema is enforced by the engine's JSON constraint, so even a random
+    tiny model answers every row with a valid object."""
+    import json
+
+    schema = json.dumps(
+        {
+            "type": "object",
+            "properties": {
+                "kind": {"enum": ["film", "show"]},
+                "seasons": {"type": "integer"},
+                "hit": {"type": "boolean"},
+            },
+        }
+    )
+    con = llmudf.connect(config=make_config(cache=False, max_tokens=160))
+    _load(con)
+    rows = con.sql(f"SELECT id, llm_json('Describe', '{schema}', title) AS j FROM m").fetchall()
+    con.close()
+    assert len(rows) == 14
+    for _id, text in rows:
+        value = json.loads(text)
+        assert value["kind"] in ("film", "show")
+        assert isinstance(value["seasons"], int)
+        assert isinstance(value["hit"], bool)

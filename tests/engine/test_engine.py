@@ -258,9 +258,10 @@ def test_json_schema_output_parses_and_follows_the_schema(tiny):
     import json
 
     engine = make_engine(tiny, num_kv_pages=2048)
-    outs = engine.generate(
-        prompts(4), SamplingParams(json_schema=SCHEMA, temperature=1.0, seed=1, top_k=40)
-    )
+    outs = engine.generate(prompts(4), SamplingParams(json_schema=SCHEMA))  # greedy
+    for seed in range(1, 4):  # sampling explores other digits, leading zeros, decimal points
+        params = SamplingParams(json_schema=SCHEMA, temperature=1.0, seed=seed, top_k=40)
+        outs += engine.generate(prompts(4), params)
     for out in outs:
         assert out.finish_reason == "stop"
         value = json.loads(out.text)

@@ -230,3 +230,11 @@ def test_request_rows_point_at_an_input_row_of_each_request():
     df = pd.DataFrame({"a": list("xyxzy"), "b": list("11211")})
     plan = plan_call(Q, df)
     assert np.array_equal(plan.row_to_request[plan.request_rows], np.arange(plan.num_requests))
+
+
+def test_an_all_null_arrow_column_is_left_out_of_every_prompt():
+    table = pa.table({"a": pa.array([None, None, None], pa.string()), "b": ["x", "y", "x"]})
+    plan = plan_call("Q?", table)
+    assert plan.prompts == ["Q?\n\nb: x", "Q?\n\nb: y"]
+    assert plan.row_to_request.tolist() == [0, 1, 0]
+    assert plan_call("Q?", pa.table({"a": pa.array([None, None], pa.null())})).prompts == ["Q?"]
