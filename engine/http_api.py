@@ -20,7 +20,6 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from llmudf.engine.service import EngineService, ServiceUnavailable
-
 from llmudf.prompt import ChatPrompt
 
 MAX_BODY_BYTES = 8 << 20

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from llmudf.engine.service import EngineService, ServiceUnavailable
 
+from llmudf.engine.service import EngineService, ServiceUnavailable
 from llmudf.prompt import ChatPrompt
 
 # per row exactly one of user (a chat message, with an optional system) or prompt (templated)

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmudf.engine.vtc import FairQueue
-
 from llmudf.prompt import ChatPrompt
 
 CHARS_PER_TOKEN = 4  # admission-time estimate of prompt tokens; corrected when it finishes

@@ -1,6 +1,9 @@
 import os
 
-import pytest
+# before anything imports torch: see llmudf/__init__.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -11,12 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from llmudf.connectors.openai_backend import EndpointError, OpenAIClient
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.server import EngineServer, ServerConfig
-
 from llmudf.prompt import ChatPrompt
 
 ENGINE = {"device": "cpu", "num_kv_pages": 512}

@@ -146,9 +146,8 @@ def test_rows_without_an_answer_get_one_in_a_second_pass(env, tmp_path):
 
 
 def test_killed_server_mid_query_still_returns_complete_answers(env, duckdb_answers):
-    from llmudf.engine.flight_client import FlightEngineClient, node_server
-
     import llmudf.spark as lspark
+    from llmudf.engine.flight_client import FlightEngineClient, node_server
 
     state = node_server(env["model"], ENGINE)
     killed = threading.Event()

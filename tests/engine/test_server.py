@@ -8,13 +8,13 @@ import threading
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.flight_client import EngineServerError, FlightEngineClient
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.server import EngineServer, ServerConfig
 from llmudf.engine.service import EngineService
-
 from llmudf.prompt import ChatPrompt
 
 PARAMS = SamplingParams(max_tokens=6)

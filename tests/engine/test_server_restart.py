@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.flight_client import EngineServerError, FlightEngineClient, node_server
 from llmudf.engine.sampling import SamplingParams
-
 from llmudf.prompt import ChatPrompt
 
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
