@@ -14,6 +14,7 @@ import json
 import time
 
 import torch
+
 from llmudf.engine.weights import load_model, resolve_model_dir
 from llmudf.kernels import AttentionMetadata
 

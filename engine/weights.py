@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
 from llmudf.engine.model_config import ModelConfig
 from llmudf.engine.models import LlamaForCausalLM, build_model
 from llmudf.engine.tokenizer import Tokenizer

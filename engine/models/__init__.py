@@ -8,6 +8,7 @@ True
 from __future__ import annotations
 
 import torch
+
 from llmudf.engine.model_config import ModelConfig
 from llmudf.engine.models.llama import KVCache, LlamaForCausalLM
 

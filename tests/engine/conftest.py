@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from llmudf.engine.models import tiny_config
 
 CHATML = (

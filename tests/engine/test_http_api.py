@@ -8,11 +8,11 @@ import threading
 
 import openai
 import pytest
+
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.server import EngineServer, ServerConfig
-
 from llmudf.prompt import ChatPrompt
 
 ENGINE = {"device": "cpu", "num_kv_pages": 512}

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from llmudf.engine.models import LlamaForCausalLM, build_model, tiny_config
 from llmudf.engine.weights import load_model
 from llmudf.kernels import AttentionMetadata

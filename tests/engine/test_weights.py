@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from llmudf.engine.models import tiny_config
 from llmudf.engine.weights import _undo_rotary_permute, load_model
 

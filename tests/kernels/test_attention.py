@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from llmudf.kernels import AttentionMetadata, paged_attention, store_kv
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
-from llmudf.kernels import apply_rotary, rms_norm, rope_inv_freq, rotary_cos_sin
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from llmudf.kernels import apply_rotary, rms_norm, rope_inv_freq, rotary_cos_sin
 
 
 def test_rms_norm_matches_transformers():
