@@ -3,7 +3,6 @@ and a real (tiny, random-init) engine."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import subprocess
 import sys
@@ -14,19 +13,6 @@ import pytest
 
 import llmudf
 from llmudf.functions import LLMCallError
-
-
-def _load_fixtures():
-    path = Path(__file__).parents[1] / "llmudf" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_llmudf_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_fixtures = _load_fixtures()
-tiny_model_path = _fixtures.tiny_model_path
-make_config = _fixtures.make_config
 
 
 def _text(rng: random.Random) -> str:

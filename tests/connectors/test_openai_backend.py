@@ -3,12 +3,10 @@ in-process, bounded retries with backoff, a clear error when the endpoint is dow
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -22,23 +20,9 @@ from llmudf.prompt import ChatPrompt
 ENGINE = {"device": "cpu", "num_kv_pages": 512}
 
 
-def _engine_conftest():
-    # the tiny random-init model writers live with the engine tests
-    path = Path(__file__).parents[1] / "engine" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_engine_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    helpers = _engine_conftest()
-    tok_dir = tmp_path_factory.mktemp("tok")
-    helpers.write_tiny_tokenizer(tok_dir)
-    model_dir = tmp_path_factory.mktemp("model")
-    helpers.write_tiny_model(model_dir, "llama", 0, tok_dir)
-    return str(model_dir)
+def tiny_model(make_tiny_model_dir) -> str:
+    return str(make_tiny_model_dir("llama", seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,12 @@ mid-query still yields complete, correct answers."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -29,27 +27,14 @@ QUERY = (
 )
 
 
-def _write_tiny_model(root: Path) -> str:
-    spec = importlib.util.spec_from_file_location(
-        "_engine_conftest", Path(__file__).parents[1] / "engine" / "conftest.py"
-    )
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    (root / "tok").mkdir()
-    (root / "model").mkdir()
-    helpers.write_tiny_tokenizer(root / "tok")
-    helpers.write_tiny_model(root / "model", "llama", 0, root / "tok")
-    return str(root / "model")
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, make_tiny_model_dir):
     """A tiny model, an isolated cache dir (node servers are found there), and Spark."""
     pytest.importorskip("pyspark")
     from pyspark.sql import SparkSession
 
     root = tmp_path_factory.mktemp("spark")
-    model = _write_tiny_model(root)
+    model = str(make_tiny_model_dir("llama", seed=0))
     saved = os.environ.get("LLMUDF_CACHE_DIR")
     os.environ["LLMUDF_CACHE_DIR"] = str(root / "cache")  # the executors inherit it
     spark = (
