@@ -137,7 +137,7 @@ class Connection:
         self._tables.append([])
 
         def plan_only(site, args: pa.Table) -> str:
-            instruction, fields = _site_inputs(site, args)
+            instruction, fields = site.inputs(args)
             text = instruction if isinstance(instruction, str) else str(instruction[0])
             options = PlanOptions(
                 dedup=self.config.dedup,
@@ -199,7 +199,7 @@ class Connection:
         return self.con.sql(sql).to_arrow_table()
 
     def _answer(self, site, args: pa.Table) -> str:
-        instruction, fields = _site_inputs(site, args)
+        instruction, fields = site.inputs(args)
         answers = self.runtime.run(site.spec, instruction, fields, num_rows=site.num_rows)
         return self._register_answers(site, args, answers)
 
@@ -232,23 +232,6 @@ class Connection:
                 if any(f'"{c}"' in message for c in columns):
                     raise LLMCallError(f"{site.label}: {message}") from exc
             raise
-
-
-def _site_inputs(site, args: pa.Table):
-    """(instruction, fields table) of a call site from its distinct argument tuples."""
-    columns = iter(args.columns)
-    if isinstance(site.instruction, str):
-        instruction = site.instruction
-    else:
-        instruction = next(columns).to_pylist()
-    names, arrays = [], []
-    for name, value in site.fields:
-        names.append(name)
-        if isinstance(value, exp.Expression):  # an expression: its values are the next key column
-            arrays.append(next(columns).combine_chunks())
-        else:
-            arrays.append(pa.array([value] * args.num_rows))
-    return instruction, pa.Table.from_arrays(arrays, names=names)
 
 
 def _make_udf(runtime: LLMRuntime, name: str):

@@ -144,7 +144,7 @@ def sql(spark, query: str, config: Config | None = None, **options):
         return spark.sql(text).toArrow()
 
     def answer(site, args: pa.Table) -> str:
-        instruction, fields = _site_inputs(site, args)
+        instruction, fields = site.inputs(args)
         result = run_call(site.spec, instruction, fields, config, client, cache)
         table = args.append_column(ANSWER, result.answers)
         table = table.append_column(FOUND, pa.array([True] * args.num_rows, pa.bool_()))
@@ -305,24 +305,6 @@ def _fields_table(args: list, num_rows: int) -> pa.Table:
     if not arrays:
         return pa.table({"_": pa.nulls(num_rows)}).drop_columns(["_"])
     return pa.Table.from_arrays(arrays, names=names)
-
-
-def _site_inputs(site, args: pa.Table):
-    """(instruction, fields table) of a call site from its distinct argument tuples."""
-    from sqlglot import exp
-
-    columns = iter(args.columns)
-    instruction = site.instruction
-    if not isinstance(instruction, str):
-        instruction = next(columns).to_pylist()
-    names, arrays = [], []
-    for name, value in site.fields:
-        names.append(name)
-        if isinstance(value, exp.Expression):  # an expression: the next key column holds it
-            arrays.append(next(columns).combine_chunks())
-        else:
-            arrays.append(pa.array([value] * args.num_rows))
-    return instruction, pa.Table.from_arrays(arrays, names=names)
 
 
 def _spark_schema(table: pa.Table):

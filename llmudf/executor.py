@@ -97,7 +97,8 @@ def run_call(
             row_to_prompt[row] = offset + request
     stats.num_requests = len(prompts)
     texts = _answer(spec, prompts, decoding, config, client, cache, stats)
-    values = [spec.parse(texts[j]) if j >= 0 else None for j in row_to_prompt]
+    parsed = [spec.parse(t) for t in texts]  # once per unique prompt, then fanned out
+    values = [parsed[j] if j >= 0 else None for j in row_to_prompt]
     stats.seconds = time.perf_counter() - start
     return CallResult(pa.array(values, type=spec.function.arrow_type), stats)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 from sqlglot import exp
 
 from llmudf.functions import FUNCTIONS, CallSpec, LLMCallError, bind_call, is_options
@@ -59,6 +60,22 @@ class CallSite:
     def keys(self) -> list[exp.Expression]:
         exprs = [] if isinstance(self.instruction, str) else [self.instruction]
         return exprs + [v for _n, v in self.fields if isinstance(v, exp.Expression)]
+
+    def inputs(self, args: pa.Table) -> tuple[str | list, pa.Table]:
+        """(instruction, fields table) from the distinct argument tuples, one column per key in
+        `keys` order; constant fields are repeated."""
+        columns = iter(args.columns)
+        instruction = self.instruction
+        if not isinstance(instruction, str):
+            instruction = next(columns).to_pylist()
+        names, arrays = [], []
+        for name, value in self.fields:
+            names.append(name)
+            if isinstance(value, exp.Expression):  # an expression: the next key column holds it
+                arrays.append(next(columns).combine_chunks())
+            else:
+                arrays.append(pa.array([value] * args.num_rows))
+        return instruction, pa.Table.from_arrays(arrays, names=names)
 
     def canonical_node(self) -> exp.Anonymous:
         """This call with its fields packed into one named struct (what the UDF receives)."""
