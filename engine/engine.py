@@ -359,11 +359,9 @@ class Engine:
 
 
 def _prompt_list(prompts) -> list:
-    try:
-        import pyarrow as pa
-    except ImportError:  # pragma: no cover - pyarrow is a dependency
-        pa = None
-    if pa is not None and isinstance(prompts, pa.Table):
+    import pyarrow as pa
+
+    if isinstance(prompts, pa.Table):
         names = prompts.column_names
         if "prompt" in names:
             return prompts.column("prompt").to_pylist()
