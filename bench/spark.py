@@ -1,11 +1,14 @@
-"""Spark `local[2]`: the movies filter and projection queries of bench/query.py, a plain
-pandas UDF against llmudf's whole-query path, in one run, result cache off.
+"""Spark `local[2]`: the movies filter and projection queries of bench/query.py, in Spark SQL
+and in the DataFrame API, a plain pandas UDF against llmudf's whole-query path, in one run,
+result cache off.
 
 (a) plain: the same SQL through the per-batch pandas UDFs with dedup and row reordering off,
     so every row of each Arrow batch is sent, in the original row order, to the node's
     engine server (whose prefix cache is on, as in any modern engine);
 (b) llmudf: `llmudf.spark.sql` (whole-query rewrite: each distinct prompt once, in
-    prefix-sharing order, to the same kind of node server).
+    prefix-sharing order, to the same kind of node server), and the same queries written
+    with the DataFrame API (`where(llm_filter(...))`, `select(llm(...))`), optimized over
+    the whole DataFrame the same way.
 Both sides run the same engine server setup; each query on each side gets a fresh server
 (no prefix cache carried over), warmed before timing, after one untimed run of every query
 on both sides over 10 rows (Spark's first-run costs). The questions are about categorical
@@ -73,12 +76,35 @@ def _warm_workers(spark) -> None:
     spark.range(0, 2, 1, 2).mapInArrow(load, "id long").collect()
 
 
-def _timed(spark, query: str, config: Config) -> tuple[float, list]:
+def _frames() -> dict:
+    """label -> (spark, config) -> DataFrame: the SQL queries, then the same in the DataFrame
+    API (with rewrite off in `config`, its LLM Columns run per batch: the plain side)."""
     import llmudf.spark as lspark
+    from llmudf.spark import llm, llm_filter
 
+    europe, continent = (
+        "Is this country in Europe?",
+        "Which continent is this country in? Answer in one word.",
+    )
+    frames = {
+        label: (lambda spark, config, query=query: lspark.sql(spark, query, config))
+        for label, query in QUERIES.items()
+    }
+    frames["filter_dataframe"] = lambda spark, config: (
+        spark.table("omdb")
+        .where(llm_filter(europe, "Country", config=config))
+        .select("Title", "Year")
+    )
+    frames["projection_dataframe"] = lambda spark, config: spark.table("omdb").select(
+        "Title", llm(continent, "Country", max_tokens=4, config=config).alias("continent")
+    )
+    return frames
+
+
+def _timed(spark, frame, config: Config) -> tuple[float, list]:
     fresh_server(config)
     start = time.perf_counter()
-    rows = sorted(map(repr, lspark.sql(spark, query, config).collect()))
+    rows = sorted(map(repr, frame(spark, config).collect()))
     return time.perf_counter() - start, rows
 
 
@@ -94,6 +120,7 @@ def main() -> None:
     spark = (
         SparkSession.builder.master("local[2]")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "2")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .getOrCreate()
@@ -106,21 +133,24 @@ def main() -> None:
     # one untimed run of every query on both sides over 10 rows, so that neither side's
     # timing pays for Spark's first-run costs (code generation, Python workers)
     spark.createDataFrame(omdb.slice(0, 10).to_pandas()).createOrReplaceTempView("omdb")
-    for query in QUERIES.values():
+    frames = _frames()
+    for frame in frames.values():
         for config in (plain_config, ours_config):
-            _timed(spark, query, config)
+            _timed(spark, frame, config)
     spark.createDataFrame(omdb.to_pandas()).repartition(2).cache().createOrReplaceTempView("omdb")
     spark.table("omdb").count()  # materialize the cached table before any timing
     report: dict = {"rows": omdb.num_rows}
     identical = True
-    for label, query in QUERIES.items():
-        plain_s, plain = _timed(spark, query, plain_config)
-        ours_s, ours = _timed(spark, query, ours_config)
-        same = plain == ours
+    answers: dict[str, list] = {}
+    for label, frame in frames.items():
+        plain_s, plain = _timed(spark, frame, plain_config)
+        ours_s, ours = _timed(spark, frame, ours_config)
+        # the DataFrame API must also give the SQL query's answers
+        same = plain == ours == answers.setdefault(label.removesuffix("_dataframe"), ours)
         identical &= same
         speedup = plain_s / ours_s
         print(
-            f"{label:<11} rows={omdb.num_rows} answers={len(ours)} plain={plain_s:.1f}s "
+            f"{label:<20} rows={omdb.num_rows} answers={len(ours)} plain={plain_s:.1f}s "
             f"llmudf={ours_s:.1f}s speedup={speedup:.2f}x identical={same}"
         )
         report[f"plain_{label}_s"] = round(plain_s, 2)

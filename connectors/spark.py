@@ -8,7 +8,8 @@ server co-located on each node.
   that talk to their node's engine server (`FlightEngineClient`; started on first use).
 - `register(spark)` registers llm, llm_filter, llm_choice, llm_score, llm_json as Arrow
   batch UDFs for plain Spark SQL (each batch deduplicated and reordered on its executor).
-- `llm(...)`, `llm_filter(...)`, ... return Columns for `select` / `where` / `withColumn`.
+- `llm(...)`, `llm_filter(...)`, ... return Columns for `select` / `where` / `withColumn`,
+  optimized over the whole DataFrame the same way (see llmudf.connectors.spark_frame).
 
 A task whose server dies is retried (by the client, then by Spark): greedy answers and the
 result cache make the retry give the same answers.
@@ -31,6 +32,7 @@ import pyarrow as pa
 from llmudf.cache import open_cache
 from llmudf.client import get_client
 from llmudf.config import Config
+from llmudf.connectors.spark_frame import column_function
 from llmudf.executor import run_call
 from llmudf.functions import FUNCTIONS, bind_call, is_options
 from llmudf.optimizer.rewrite import ANSWER, FOUND, KEY, QueryRewrite, UnsupportedQuery
@@ -228,36 +230,30 @@ def register(spark, config: Config | None = None, **options) -> None:
         spark.udf.register(name, _batch_udf(name, config))
 
 
-def _function(name: str):
-    def column(instruction: str, *fields, choices=None, schema=None, config=None, **options):
-        from pyspark.sql import functions as F
+def batch_column(site, keys: list):
+    """The per-batch UDF call of a DataFrame-API call site (`spark_frame.FrameSite`) on the
+    Columns `keys`: its instruction Column first unless the instruction is a str, then its
+    fields."""
+    from pyspark.sql import functions as F
 
-        cols = [F.col(f) if isinstance(f, str) else f for f in fields]
-        names = [f if isinstance(f, str) else f"field{i}" for i, f in enumerate(fields, 1)]
-        args = [F.lit(instruction)]
-        const = choices if choices is not None else schema
-        if const is not None:
-            args.append(F.lit(const if isinstance(const, str) else list(const)))
-        if cols:
-            args.append(F.struct(*[c.alias(n) for c, n in zip(cols, names, strict=True)]))
-        if options:
-            args.append(F.struct(*[F.lit(v).alias(k) for k, v in options.items()]))
-        return _batch_udf(name, config or Config())(*args)
-
-    column.__name__ = name
-    column.__doc__ = (
-        f"`{name}(instruction, *columns, **options)` as a Spark Column (columns by name or "
-        f"Column; `choices=` for llm_choice, `schema=` for llm_json).\n\n"
-        f'>>> df.where({name}("Is it a comedy?", "title", "genre"))   # doctest: +SKIP'
-    )
-    return column
+    keys = list(keys)
+    args = [F.lit(site.instruction) if isinstance(site.instruction, str) else keys.pop(0)]
+    if site.const is not None:
+        const = site.const
+        args.append(F.lit(const if isinstance(const, str) else list(const)))
+    if site.fields:
+        names = [name for name, _column in site.fields]
+        args.append(F.struct(*[c.alias(n) for c, n in zip(keys, names, strict=True)]))
+    if site.options:
+        args.append(F.struct(*[F.lit(v).alias(k) for k, v in site.options]))
+    return _batch_udf(site.spec.function.name, site.config)(*args)
 
 
-llm = _function("llm")
-llm_filter = _function("llm_filter")
-llm_choice = _function("llm_choice")
-llm_score = _function("llm_score")
-llm_json = _function("llm_json")
+llm = column_function("llm")
+llm_filter = column_function("llm_filter")
+llm_choice = column_function("llm_choice")
+llm_score = column_function("llm_score")
+llm_json = column_function("llm_json")
 
 
 # ---- private ---------------------------------------------------------------------------------

@@ -157,3 +157,131 @@ def test_killed_server_mid_query_still_returns_complete_answers(env, duckdb_answ
     assert killed.is_set()
     assert got == [tuple(r) for r in duckdb_answers]
     assert node_server(env["model"], ENGINE)["pid"] != state["pid"]  # a new server took over
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """The prompt batches the driver sends to the cluster, in send order."""
+    from llmudf.connectors.spark import SparkClient
+
+    batches: list[list[str]] = []
+    generate = SparkClient.generate
+
+    def record(self, prompts, params, progress=None):
+        batches.append([p.user for p in prompts])
+        return generate(self, prompts, params, progress)
+
+    monkeypatch.setattr(SparkClient, "generate", record)
+    return batches
+
+
+def test_dataframe_calls_are_answered_once_per_distinct_tuple_over_all_partitions(env, sent):
+    import llmudf.spark as lspark
+    from llmudf.spark import llm, llm_filter
+
+    spark, cfg = env["spark"], config(env)
+    movies = spark.table("movies").repartition(4)  # every genre in several partitions
+    drama = llm_filter("Is it a drama?", "Genre", config=cfg)
+    frame = movies.where(drama).select("ID", llm("Describe the movie.", "Genre", config=cfg))
+    assert frame.columns == ["ID", "llm(Genre)"]
+    got = sorted(rows(frame))
+
+    genres = env["movies"]["Genre"]
+    assert len(sent) == 2 and len(sent[0]) == genres.nunique() < len(genres)
+    expected = rows(
+        lspark.sql(
+            spark,
+            "SELECT ID, llm('Describe the movie.', Genre) FROM movies "
+            "WHERE llm_filter('Is it a drama?', Genre)",
+            config=cfg,
+        )
+    )
+    assert got == sorted(expected) and 0 < len(got) < len(genres)
+    kept = {i for i, _ in got}  # the second call sees the filter's survivors only
+    kept_genres = {g for i, g in zip(env["movies"]["ID"], genres, strict=True) if i in kept}
+    assert len(sent[1]) == len(kept_genres) < genres.nunique()
+
+
+def test_dataframe_llm_columns_inside_expressions_groupby_and_orderby(env):
+    from pyspark.sql import functions as F
+
+    import llmudf.spark as lspark
+    from llmudf.spark import llm, llm_filter, llm_score
+
+    spark, cfg = env["spark"], config(env)
+    movies = spark.table("movies")
+    mixed = movies.where(llm_filter("Is it a drama?", "Genre", config=cfg) | (F.col("Year") < 2000))
+    expected = rows(
+        lspark.sql(
+            spark,
+            "SELECT ID FROM movies WHERE llm_filter('Is it a drama?', Genre) OR Year < 2000",
+            config=cfg,
+        )
+    )
+    assert sorted(rows(mixed.select("ID"))) == sorted(expected)
+
+    describe = llm("Describe the movie.", "Title", config=cfg)
+    upper = rows(movies.withColumn("u", F.upper(describe)).orderBy("ID").select("ID", "u"))
+    plain = rows(movies.withColumn("d", describe).orderBy("ID").select("ID", "d"))
+    assert upper == [(i, d.upper()) for i, d in plain]
+    assert len({d for _, d in plain}) > 1
+
+    score = llm_score("How good is it?", "Genre", config=cfg)
+    by_year = movies.groupBy("Year").agg(F.avg(score).alias("s")).orderBy("Year")
+    sql = "SELECT Year, avg(llm_score('How good is it?', Genre)) AS s FROM movies GROUP BY Year"
+    assert rows(by_year) == rows(lspark.sql(spark, sql + " ORDER BY Year", config=cfg))
+    ranked = movies.orderBy(score.desc(), "ID").select("ID")
+    assert ranked.count() == len(env["movies"])
+
+
+def test_dataframe_nested_calls_and_per_batch_mode_agree(env):
+    from llmudf.spark import llm
+
+    spark = env["spark"]
+    movies = spark.table("movies").where("Year >= 2005")
+
+    def nested(cfg):
+        inner = llm("Genre in one word?", "Genre", config=cfg)
+        return sorted(rows(movies.select("ID", llm("Describe it.", inner.alias("g"), config=cfg))))
+
+    whole = nested(config(env))
+    assert whole == nested(config(env, rewrite=False))
+    assert len(whole) == len(env["movies"].query("Year >= 2005"))
+
+
+def test_dataframe_rows_added_after_the_call_still_get_answers(env, tmp_path):
+    from llmudf.spark import llm_filter
+
+    spark = env["spark"]
+    spark.sql(f"CREATE TABLE genres2 (Genre STRING) USING parquet LOCATION '{tmp_path / 'g'}'")
+    spark.sql("INSERT INTO genres2 VALUES ('Drama'), ('Comedy'), (NULL)")
+    try:
+        frame = spark.table("genres2").withColumn(
+            "f", llm_filter("Is it a drama?", "Genre", config=config(env))
+        )
+        spark.sql("INSERT INTO genres2 VALUES ('Horror'), ('Drama')")
+        got = rows(frame.orderBy("Genre"))
+        assert [g for g, _ in got] == [None, "Comedy", "Drama", "Drama", "Horror"]
+        assert None not in [f for g, f in got if g is not None]
+        fresh = rows(
+            spark.table("genres2")
+            .withColumn("f", llm_filter("Is it a drama?", "Genre", config=config(env)))
+            .orderBy("Genre")
+        )
+        assert got == fresh
+    finally:
+        spark.sql("DROP TABLE genres2")
+
+
+def test_dataframe_bad_calls_fail_when_the_column_is_made(env):
+    from llmudf.functions import LLMCallError
+    from llmudf.spark import llm, llm_choice
+
+    with pytest.raises(TypeError, match="instruction must be a str or a Column"):
+        llm(42, "Title")
+    with pytest.raises(TypeError, match="fields are column names or Columns"):
+        llm("Describe.", 3.5)
+    with pytest.raises(LLMCallError, match="unknown option"):
+        llm("Describe.", "Title", max_tokns=3)
+    with pytest.raises(LLMCallError, match="choices"):
+        llm_choice("Mood?", "Title", choices=[])
