@@ -36,6 +36,7 @@ from llmudf.connectors.spark_frame import column_function
 from llmudf.executor import run_call
 from llmudf.functions import FUNCTIONS, bind_call, is_options
 from llmudf.optimizer.rewrite import ANSWER, FOUND, KEY, QueryRewrite, UnsupportedQuery
+from llmudf.paths import weights_id
 from llmudf.prompt import ChatPrompt
 
 _ANSWER_SCHEMA = "i long, text string, p int, c int, g int"
@@ -53,7 +54,7 @@ class SparkClient:
 
     @property
     def model_id(self) -> str:
-        return self.config.model or "smollm2"
+        return weights_id(self.config.model)
 
     def generate(self, prompts: list, params, progress=None) -> list:
         from llmudf.engine.request import Output

@@ -76,7 +76,7 @@ class FlightEngineClient:
 
     @property
     def model_id(self) -> str:
-        return self.model or "smollm2"
+        return paths.weights_id(self.model)
 
     def generate(self, prompts: list, params, progress=None) -> list:
         """One Output per prompt (ChatPrompt or templated str), in prompt order."""

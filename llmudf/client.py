@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from llmudf.config import Config
+from llmudf.paths import weights_id
 from llmudf.prompt import ChatPrompt
 
 Progress = Callable[[int], None]
@@ -45,7 +46,7 @@ class InProcessClient:
 
     @property
     def model_id(self) -> str:
-        return self.model or "smollm2"
+        return weights_id(self.model)
 
     @property
     def engine(self):

