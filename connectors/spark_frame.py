@@ -251,8 +251,9 @@ def _grouping(method):
     def call(self, *cols):
         sites = [] if _is_passing_through() else sites_in([cols])
         frame = with_answers(self, sites) if sites else self
+        cols = [_labelled(c) for c in cols]
         with _passing_through():
-            grouped = method(frame, *(_labelled(c) for c in cols))
+            grouped = method(frame, *cols)
         grouped._llmudf_group = (frame, cols, method)
         return grouped
 
