@@ -93,28 +93,31 @@ def store_kv(
 class _Prefill:
     q_start: int
     q_len: int
+    k_start: int  # first row of this sequence's K/V in the step's prefill gather
     k_len: int
-    pages: torch.Tensor  # [ceil(k_len / page_size)] page ids
-    mask: torch.Tensor | None  # [G*q_len, k_len] bool, True = attend; None: plain causal, G == 1
+    mask: torch.Tensor | None  # [G*q_len, k_len] additive (0 / -inf); None: plain causal, G == 1
 
 
 @dataclass
 class _TorchPlan:
     """Index tensors shared by all layers of one step (built once from the metadata). K/V are
-    gathered a whole page at a time, which copies far faster than token by token."""
+    gathered with `index_select` over whole pages (several times faster than advanced
+    indexing); masks are additive, so SDPA does not convert a bool mask in every layer."""
 
     decode_rows: torch.Tensor | None  # [Bd] flat-batch rows of single-token sequences
-    decode_pages: torch.Tensor | None  # [Bd, max_pages] page ids (padding pages are masked)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_pages * page_size] bool, True = attend
+    decode_pages: torch.Tensor | None  # [Bd * max_pages] int64 page ids, padding pages masked
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_pages * page_size] additive
+    prefill_pages: torch.Tensor | None  # [sum of ceil(k_len / page_size)] int64 page ids
     prefills: list[_Prefill]
 
 
-def _plan(meta: AttentionMetadata, page_size: int, group: int) -> _TorchPlan:
+def _plan(meta: AttentionMetadata, page_size: int, group: int, dtype: torch.dtype) -> _TorchPlan:
     cu = meta.cu_seqlens_q.tolist()
     seq_lens = meta.seq_lens.tolist()
     device = meta.block_tables.device
     tables = meta.block_tables.long()
-    decodes, prefills = [], []
+    decodes, prefills, prefill_pages = [], [], []
+    k_start = 0
     for b, k_len in enumerate(seq_lens):
         q_len = cu[b + 1] - cu[b]
         if q_len == 1:
@@ -124,18 +127,35 @@ def _plan(meta: AttentionMetadata, page_size: int, group: int) -> _TorchPlan:
         if q_len != k_len or group > 1:
             # causal, shifted by the cached prefix; G stacked copies for the folded GQA rows
             q_pos = torch.arange(k_len - q_len, k_len, device=device)
-            mask = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
-            mask = mask.repeat(group, 1)
-        pages = tables[b, : -(-k_len // page_size)]
-        prefills.append(_Prefill(cu[b], q_len, k_len, pages, mask))
+            allowed = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
+            mask = _additive(allowed, dtype).repeat(group, 1)
+        num_pages = -(-k_len // page_size)
+        prefill_pages.append(tables[b, :num_pages])
+        prefills.append(_Prefill(cu[b], q_len, k_start, k_len, mask))
+        k_start += num_pages * page_size
+    prefill_pages = torch.cat(prefill_pages) if prefills else None
     if not decodes:
-        return _TorchPlan(None, None, None, prefills)
+        return _TorchPlan(None, None, None, prefill_pages, prefills)
     lens = torch.tensor([seq_lens[b] for b in decodes], device=device)
     max_pages = -(-int(lens.max()) // page_size)
     rows = torch.tensor([cu[b] for b in decodes], device=device)
-    pages = tables[torch.tensor(decodes, device=device), :max_pages]
-    mask = torch.arange(max_pages * page_size, device=device)[None, :] < lens[:, None]
-    return _TorchPlan(rows, pages, mask[:, None, None, :], prefills)
+    pages = tables[torch.tensor(decodes, device=device), :max_pages].reshape(-1)
+    allowed = torch.arange(max_pages * page_size, device=device)[None, :] < lens[:, None]
+    mask = _additive(allowed, dtype)[:, None, None, :]
+    return _TorchPlan(rows, pages, mask, prefill_pages, prefills)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+
+
+def _gather(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """cache [num_pages, page_size, Hkv, D], pages [N] -> [N * page_size, Hkv, D]"""
+    num_pages, page_size, num_kv_heads, head_dim = cache.shape
+    rows = cache.view(num_pages, -1).index_select(0, pages)
+    return rows.view(-1, num_kv_heads, head_dim)
 
 
 def paged_attention(
@@ -158,31 +178,35 @@ def paged_attention(
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     group = num_heads // num_kv_heads
     if meta._plan is None:
-        meta._plan = _plan(meta, page_size, group)
+        meta._plan = _plan(meta, page_size, group, q.dtype)
     plan = meta._plan
     out = torch.empty_like(q)
     if plan.decode_rows is not None:
-        num_seqs, max_pages = plan.decode_pages.shape
+        num_seqs = plan.decode_rows.shape[0]
         qd = q[plan.decode_rows].view(num_seqs, num_kv_heads, group, head_dim)
-        shape = (num_seqs, max_pages * page_size, num_kv_heads, head_dim)
-        kd = k_cache[plan.decode_pages].view(shape).transpose(1, 2)  # [Bd, Hkv, Lmax, D]
-        vd = v_cache[plan.decode_pages].view(shape).transpose(1, 2)
+        shape = (num_seqs, -1, num_kv_heads, head_dim)
+        kd = _gather(k_cache, plan.decode_pages).view(shape).transpose(1, 2)  # [Bd, Hkv, L, D]
+        vd = _gather(v_cache, plan.decode_pages).view(shape).transpose(1, 2)
         od = F.scaled_dot_product_attention(
             qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=plan.decode_mask, scale=scale
         )
         out[plan.decode_rows] = od.reshape(num_seqs, num_heads, head_dim)
+    if not plan.prefills:
+        return out
+    # one gather per layer for every prefill chunk; [Hkv, rows, D] views of it per sequence
+    kp_all = _gather(k_cache, plan.prefill_pages).transpose(0, 1).to(q.dtype)
+    vp_all = _gather(v_cache, plan.prefill_pages).transpose(0, 1).to(q.dtype)
+    q_all = q.view(num_tokens, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     for p in plan.prefills:
-        # [q_len, Hkv*G, D] -> [1, Hkv, G*q_len, D]: rows of one KV head's group stacked
+        # [Hkv, G, q_len, D] -> [1, Hkv, G*q_len, D]: rows of one KV head's group stacked
         # (4-D inputs keep SDPA on its fused CPU kernel; 3-D ones fall back to the math path)
-        qp = q[p.q_start : p.q_start + p.q_len].view(p.q_len, num_kv_heads, group, head_dim)
-        qp = qp.permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * p.q_len, head_dim)
-        kp = k_cache[p.pages].view(-1, num_kv_heads, head_dim)[: p.k_len]
-        vp = v_cache[p.pages].view(-1, num_kv_heads, head_dim)[: p.k_len]
-        kp = kp.transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, L, D]
-        vp = vp.transpose(0, 1)[None].to(q.dtype)
+        q_end, k_end = p.q_start + p.q_len, p.k_start + p.k_len
+        qp = q_all[:, :, p.q_start : q_end].reshape(1, num_kv_heads, group * p.q_len, head_dim)
+        kp = kp_all[None, :, p.k_start : k_end]
+        vp = vp_all[None, :, p.k_start : k_end]
         op = F.scaled_dot_product_attention(
             qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, scale=scale
         )
         op = op.view(num_kv_heads, group, p.q_len, head_dim).permute(2, 0, 1, 3)
-        out[p.q_start : p.q_start + p.q_len] = op.reshape(p.q_len, num_heads, head_dim)
+        out[p.q_start : q_end].view(p.q_len, num_kv_heads, group, head_dim).copy_(op)
     return out

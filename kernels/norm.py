@@ -11,4 +11,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     tensor([[0.8485, 1.1314]])
     """
     out = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    return weight * out.to(x.dtype)
+    return out.to(x.dtype).mul_(weight)  # a new tensor either way: scaled in place
