@@ -51,7 +51,9 @@ class EngineConfig:
     prompt_overflow: str = "error"
     # In-step look-ahead: a waiting request that shares this many more tokens with a request
     # admitted in the same step than with the cache waits one step and reuses its KV instead.
-    min_shared_prefix_to_defer: int = 32
+    # 8, not more: a server holds the system prompt already, and a query's instruction is
+    # often ~10 tokens; with 32, 63 filter prompts computed 1,366 tokens instead of 743.
+    min_shared_prefix_to_defer: int = 8
 
     def __post_init__(self):
         if self.page_size is None:

@@ -99,6 +99,24 @@ def test_shared_prefix_is_computed_once_within_a_batch():
     assert [r.num_cached_tokens for r in reqs[1:]] == [40, 40, 40, 40]
 
 
+def test_a_short_instruction_after_a_cached_system_prompt_is_computed_once():
+    # a long-lived server already holds the system prompt; a query's instruction adds ~10
+    # shared tokens, which the default look-ahead still computes once, not once per row
+    sched = make(num_pages=256, page_size=1, max_num_batched_tokens=1000)
+    system, instruction = list(range(1, 31)), list(range(100, 110))
+    sched.add(seq("warm", system + [7], max_tokens=1))
+    run(sched)
+    reqs = [seq(f"r{i}", system + instruction + [200 + i], max_tokens=1) for i in range(6)]
+    for r in reqs:
+        sched.add(r)
+    first = sched.schedule()
+    assert [s.request_id for s in first.seqs] == ["r0"]
+    sched.commit(first)
+    first.seqs[0].token_ids.append(0)
+    sched.schedule()
+    assert [r.num_cached_tokens for r in reqs[1:]] == [40] * 5
+
+
 def test_prefix_cache_is_shared_across_calls_and_off_switch():
     for enabled, cached in ((True, 8), (False, 0)):
         sched = make(enable_prefix_cache=enabled)
