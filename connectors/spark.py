@@ -166,6 +166,7 @@ def _with_fallback(spark, site, answers: str, num_keys: int) -> str:
     """A view of `answers` plus the per-batch UDF's answers to the argument tuples that reach
     the call but have no answer (the source changed since the rewrite read it), computed
     when the final query runs: a second pass over the misses alone, usually none."""
+    from pyspark.sql import functions as F
     from sqlglot import exp
 
     if not num_keys:
@@ -175,12 +176,16 @@ def _with_fallback(spark, site, answers: str, num_keys: int) -> str:
     call = site.node.copy().transform(
         lambda node: exp.column(keys[position[node]], "m") if node in position else node
     )
+    call.set("this", f"{_MISSES}{call.name}")
     on = " AND ".join(f"m.{k} <=> a.{k}" for k in keys)
-    spark.sql(
+    every = spark.sql(
         f"SELECT * FROM {answers} UNION ALL "
         f"SELECT {', '.join(f'm.{k}' for k in keys)}, {call.sql('spark')} AS {ANSWER}, "
         f"TRUE AS {FOUND} FROM ({site.args_sql}) AS m LEFT ANTI JOIN {answers} AS a ON {on}"
-    ).createOrReplaceTempView(f"{answers}_all")
+    )
+    # one row per distinct tuple: joined by broadcast (the view keeps the hint), not by a
+    # sort-merge join that shuffles the query's rows
+    F.broadcast(every).createOrReplaceTempView(f"{answers}_all")
     return f"{answers}_all"
 
 
@@ -229,12 +234,20 @@ def register(spark, config: Config | None = None, **options) -> None:
     config = config or Config.from_kwargs(**options)
     for name in FUNCTIONS:
         spark.udf.register(name, _batch_udf(name, config))
+        spark.udf.register(f"{_MISSES}{name}", _batch_udf(name, config).asNondeterministic())
 
 
-def batch_column(site, keys: list):
+# The second pass of a rewritten query answers tuples the first pass missed with these
+# non-deterministic twins of the UDFs: Spark pushes a filter on a deterministic UDF's answer
+# (`WHERE llm_filter(...)`) through the union of answers down to the source rows, which ran
+# the model on every row of every action.
+_MISSES = "__llmudf_misses_"
+
+
+def batch_column(site, keys: list, for_misses: bool = False):
     """The per-batch UDF call of a DataFrame-API call site (`spark_frame.FrameSite`) on the
     Columns `keys`: its instruction Column first unless the instruction is a str, then its
-    fields."""
+    fields. `for_misses`: the non-deterministic twin (see `_MISSES`)."""
     from pyspark.sql import functions as F
 
     keys = list(keys)
@@ -247,7 +260,8 @@ def batch_column(site, keys: list):
         args.append(F.struct(*[c.alias(n) for c, n in zip(keys, names, strict=True)]))
     if site.options:
         args.append(F.struct(*[F.lit(v).alias(k) for k, v in site.options]))
-    return _batch_udf(site.spec.function.name, site.config)(*args)
+    udf = _batch_udf(site.spec.function.name, site.config)
+    return (udf.asNondeterministic() if for_misses else udf)(*args)
 
 
 llm = column_function("llm")

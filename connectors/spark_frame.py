@@ -220,7 +220,7 @@ def _join_answers(frame, site: FrameSite):
     answered = spark.createDataFrame(table, schema=_spark_schema(table))
     # tuples the source did not hold when it was read above: answered per batch, lazily
     misses = args.subtract(answered.select(*keys))
-    misses = misses.withColumn(site.name, batch_column(site, [F.col(k) for k in keys]))
+    misses = misses.withColumn(site.name, batch_column(site, [F.col(k) for k in keys], True))
     answers = answered.unionByName(misses)
     sides = [f"{k}_a" for k in keys]
     answers = answers.toDF(*sides, site.name)

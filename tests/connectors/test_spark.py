@@ -285,3 +285,23 @@ def test_dataframe_bad_calls_fail_when_the_column_is_made(env):
         llm("Describe.", "Title", max_tokns=3)
     with pytest.raises(LLMCallError, match="choices"):
         llm_choice("Mood?", "Title", choices=[])
+
+
+def test_answered_rows_are_not_sent_to_the_model_again_when_the_query_runs(env):
+    """A filter on an answer must not be pushed through the second pass down to the source
+    rows (it would run the model on every row of every action)."""
+    import llmudf.spark as lspark
+    from llmudf.engine.flight_client import FlightEngineClient, node_server
+    from llmudf.spark import llm_filter
+
+    spark, cfg = env["spark"], config(env)
+    client = FlightEngineClient(node_server(env["model"], ENGINE)["location"])
+    query = "SELECT ID FROM movies WHERE llm_filter('Is it a comedy?', Genre)"
+    frames = [
+        lspark.sql(spark, query, config=cfg),
+        spark.table("movies").where(llm_filter("Is it a comedy?", "Genre", config=cfg)),
+    ]
+    for frame in frames:
+        served = client.action("stats")["num_served"]
+        assert frame.count() == frame.count()
+        assert client.action("stats")["num_served"] == served
