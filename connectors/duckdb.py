@@ -24,6 +24,7 @@ from llmudf.client import get_client
 from llmudf.config import Config
 from llmudf.executor import CallStats, run_call
 from llmudf.functions import FUNCTIONS, LLMCallError, bind_call, is_options
+from llmudf.optimizer.callsite import fields_table
 from llmudf.optimizer.explain import LLMExplain, explain_call
 from llmudf.optimizer.plan import PlanOptions, plan_call
 from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
@@ -271,9 +272,7 @@ def _fields_table(args: list[pa.Array], num_rows: int) -> pa.Table:
         else:
             names.append(f"field{i}")
             arrays.append(arg)
-    if not arrays:
-        return pa.table({}).append_column("_", pa.nulls(num_rows)).drop_columns(["_"])
-    return pa.Table.from_arrays(arrays, names=names)
+    return fields_table(names, arrays, num_rows)
 
 
 def _tokenizer(config: Config):

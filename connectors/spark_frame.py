@@ -32,6 +32,7 @@ from llmudf.cache import open_cache
 from llmudf.config import Config
 from llmudf.executor import run_call
 from llmudf.functions import CallSpec, bind_call
+from llmudf.optimizer.callsite import fields_table
 
 _PREFIX = "__llmudf_answer_"
 _NAME = re.compile(rf"{_PREFIX}\d+")
@@ -58,17 +59,13 @@ class FrameSite:
 
     def inputs(self, table):
         """(instruction, fields table) from the distinct argument tuples of `key_columns`."""
-        import pyarrow as pa
-
         columns = iter(table.columns)
         instruction = self.instruction
         if not isinstance(instruction, str):
             instruction = next(columns).to_pylist()
         names = [name for name, _column in self.fields]
         arrays = [next(columns).combine_chunks() for _name in names]
-        if not names:
-            return instruction, pa.table({"_": pa.nulls(table.num_rows)}).drop_columns(["_"])
-        return instruction, pa.Table.from_arrays(arrays, names=names)
+        return instruction, fields_table(names, arrays, table.num_rows)
 
 
 _SITES: dict[str, FrameSite] = {}

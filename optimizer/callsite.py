@@ -75,7 +75,7 @@ class CallSite:
                 arrays.append(next(columns).combine_chunks())
             else:
                 arrays.append(pa.array([value] * args.num_rows))
-        return instruction, pa.Table.from_arrays(arrays, names=names)
+        return instruction, fields_table(names, arrays, args.num_rows)
 
     def canonical_node(self) -> exp.Anonymous:
         """This call with its fields packed into one named struct (what the UDF receives)."""
@@ -87,6 +87,14 @@ class CallSite:
         if self.spec.options:
             args.append(_struct([(k, _as_expr(v)) for k, v in self.spec.options]))
         return exp.Anonymous(this=self.name, expressions=args)
+
+
+def fields_table(names: list[str], arrays: list, num_rows: int) -> pa.Table:
+    """The fields of `num_rows` rows; with no fields, a table with no columns that still
+    has `num_rows` rows (a call with an instruction only answers every row)."""
+    if not arrays:
+        return pa.table({"_": pa.nulls(num_rows)}).drop_columns(["_"])
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def llm_calls(node: exp.Expression) -> list[exp.Anonymous]:

@@ -42,6 +42,7 @@ SHAPES = [
     "SELECT id, x FROM (SELECT id, llm('S', title) AS x FROM m) s WHERE id IN "
     "(SELECT id FROM r) ORDER BY id LIMIT 3",
     "SELECT id, llm('S', title, {'max_tokens': 3}) AS a FROM m ORDER BY year, id LIMIT 4",
+    "SELECT id, llm('Say hi') AS a FROM m",  # an instruction only: every row gets the answer
 ]
 
 
