@@ -35,6 +35,7 @@ from llmudf.config import Config
 from llmudf.connectors.spark_frame import column_function
 from llmudf.executor import run_call
 from llmudf.functions import FUNCTIONS, bind_call, is_options
+from llmudf.optimizer.callsite import fields_table
 from llmudf.optimizer.rewrite import ANSWER, FOUND, KEY, QueryRewrite, UnsupportedQuery
 from llmudf.paths import weights_id
 from llmudf.prompt import ChatPrompt
@@ -234,7 +235,7 @@ def register(spark, config: Config | None = None, **options) -> None:
     config = config or Config.from_kwargs(**options)
     for name in FUNCTIONS:
         spark.udf.register(name, _batch_udf(name, config))
-        spark.udf.register(f"{_MISSES}{name}", _batch_udf(name, config).asNondeterministic())
+        spark.udf.register(f"{_MISSES}{name}", _batch_udf(name, config, for_misses=True))
 
 
 # The second pass of a rewritten query answers tuples the first pass missed with these
@@ -260,8 +261,7 @@ def batch_column(site, keys: list, for_misses: bool = False):
         args.append(F.struct(*[c.alias(n) for c, n in zip(keys, names, strict=True)]))
     if site.options:
         args.append(F.struct(*[F.lit(v).alias(k) for k, v in site.options]))
-    udf = _batch_udf(site.spec.function.name, site.config)
-    return (udf.asNondeterministic() if for_misses else udf)(*args)
+    return _batch_udf(site.spec.function.name, site.config, for_misses)(*args)
 
 
 llm = column_function("llm")
@@ -274,7 +274,8 @@ llm_json = column_function("llm_json")
 # ---- private ---------------------------------------------------------------------------------
 
 
-def _batch_udf(name: str, config: Config):
+def _batch_udf(name: str, config: Config, for_misses: bool = False):
+    """The per-batch pandas UDF of `name`; `for_misses`: its non-deterministic twin."""
     from pyspark.sql.functions import pandas_udf
 
     function = FUNCTIONS[name]
@@ -296,7 +297,8 @@ def _batch_udf(name: str, config: Config):
         result = run_call(spec, instruction, fields, config, _task_client(config), cache)
         return pd.Series(result.answers.to_pylist(), dtype=object)
 
-    return pandas_udf(udf, returnType=_SPARK_TYPES[function.arrow_type.id])
+    batch = pandas_udf(udf, returnType=_SPARK_TYPES[function.arrow_type.id])
+    return batch.asNondeterministic() if for_misses else batch
 
 
 _SPARK_TYPES = {
@@ -313,9 +315,7 @@ def _fields_table(args: list, num_rows: int) -> pa.Table:
         for column in frame.columns:
             names.append(str(column))
             arrays.append(pa.Array.from_pandas(frame[column]))
-    if not arrays:
-        return pa.table({"_": pa.nulls(num_rows)}).drop_columns(["_"])
-    return pa.Table.from_arrays(arrays, names=names)
+    return fields_table(names, arrays, num_rows)
 
 
 def _spark_schema(table: pa.Table):
