@@ -36,7 +36,7 @@ from llmudf.connectors.spark_frame import column_function
 from llmudf.executor import run_call
 from llmudf.functions import FUNCTIONS, bind_call, is_options
 from llmudf.optimizer.callsite import fields_table
-from llmudf.optimizer.rewrite import ANSWER, FOUND, KEY, QueryRewrite, UnsupportedQuery
+from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 from llmudf.paths import weights_id
 from llmudf.prompt import ChatPrompt
 
@@ -51,7 +51,7 @@ class SparkClient:
     def __init__(self, spark, config: Config, num_partitions: int | None = None):
         self.spark = spark
         self.config = config
-        self.num_partitions = num_partitions or spark.sparkContext.defaultParallelism
+        self.num_partitions = num_partitions or _num_executors(spark)
 
     @property
     def model_id(self) -> str:
@@ -80,6 +80,14 @@ class SparkClient:
             Output(str(r["i"]), r["text"], [], "stop", r["p"], r["c"], r["g"])
             for r in table.to_pylist()
         ]
+
+
+def _num_executors(spark) -> int:
+    """Executors now up (local mode: 1): one task each. The tasks on one node share its engine
+    server, which batches all the prompts it is sent: a batch split among more tasks there
+    only reaches it in separate, smaller steps."""
+    block_managers = spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()
+    return max(1, block_managers - 1)  # the driver's is one of them
 
 
 def _task_client(config: Config):
@@ -153,41 +161,15 @@ def sql(spark, query: str, config: Config | None = None, **options):
         table = args.append_column(ANSWER, result.answers)
         table = table.append_column(FOUND, pa.array([True] * args.num_rows, pa.bool_()))
         name = f"__llm_answers_{next(_NAMES)}"
+        # a local relation: the final query joins it by broadcast without a job of its own
         spark.createDataFrame(table, schema=_spark_schema(table)).createOrReplaceTempView(name)
-        return _with_fallback(spark, site, name, args.num_columns)
+        return name
 
     try:
         rewrite.run(run_sql, answer)
     except UnsupportedQuery:
         return spark.sql(QueryRewrite(query, "spark").udf_sql())
-    return spark.sql(_answers_only(rewrite.tree).sql("spark"))
-
-
-def _with_fallback(spark, site, answers: str, num_keys: int) -> str:
-    """A view of `answers` plus the per-batch UDF's answers to the argument tuples that reach
-    the call but have no answer (the source changed since the rewrite read it), computed
-    when the final query runs: a second pass over the misses alone, usually none."""
-    from pyspark.sql import functions as F
-    from sqlglot import exp
-
-    if not num_keys:
-        return answers
-    keys = [f"{KEY}{j}" for j in range(num_keys)]
-    position = {key: j for j, key in enumerate(site.keys)}
-    call = site.node.copy().transform(
-        lambda node: exp.column(keys[position[node]], "m") if node in position else node
-    )
-    call.set("this", f"{_MISSES}{call.name}")
-    on = " AND ".join(f"m.{k} <=> a.{k}" for k in keys)
-    every = spark.sql(
-        f"SELECT * FROM {answers} UNION ALL "
-        f"SELECT {', '.join(f'm.{k}' for k in keys)}, {call.sql('spark')} AS {ANSWER}, "
-        f"TRUE AS {FOUND} FROM ({site.args_sql}) AS m LEFT ANTI JOIN {answers} AS a ON {on}"
-    )
-    # one row per distinct tuple: joined by broadcast (the view keeps the hint), not by a
-    # sort-merge join that shuffles the query's rows
-    F.broadcast(every).createOrReplaceTempView(f"{answers}_all")
-    return f"{answers}_all"
+    return spark.sql(_misses_only(rewrite.tree).sql("spark"))
 
 
 # functions whose values change on every evaluation: answers computed for the rows of one
@@ -213,17 +195,34 @@ def _is_nondeterministic(rewrite) -> bool:
     return False
 
 
-def _answers_only(tree):
-    """Spark evaluates a Python UDF in every CASE branch, on every row: read the joined
-    answers directly instead of `CASE WHEN found THEN answer ELSE <udf> END`. Every tuple
-    of arguments that reaches a call is in its answers view (`_with_fallback`)."""
+def _misses_only(tree):
+    """`CASE WHEN found THEN answer ELSE <call> END`: Spark evaluates a Python UDF on every row,
+    whatever the branch. The call's instruction and non-constant arguments become NULL where
+    the answer was found: a NULL instruction is a NULL answer, so the per-batch UDF asks the
+    model only for the argument tuples the answers miss (the source changed since the
+    rewrite read it; usually none), and found rows send it NULLs, not their fields."""
     from sqlglot import exp
 
-    for case in list(tree.find_all(exp.Case)):
+    # inner calls first: an outer call's arguments are copied with them
+    for case in reversed(list(tree.find_all(exp.Case))):
         ifs = case.args.get("ifs") or []
-        if len(ifs) == 1 and isinstance(ifs[0].this, exp.Column) and ifs[0].this.name == FOUND:
-            case.replace(ifs[0].args["true"].copy())
+        call = case.args.get("default")
+        if not (len(ifs) == 1 and _is_found(ifs[0].this) and isinstance(call, exp.Anonymous)):
+            continue
+        found = ifs[0].this
+        for i, arg in enumerate(call.expressions):
+            if i == 0 or arg.find(exp.Column) is not None:  # the instruction, and any fields
+                arg.replace(exp.If(this=found.copy(), true=exp.null(), false=arg.copy()))
     return tree
+
+
+def _is_found(node) -> bool:
+    """`__llm_i.__llm_found`, or ANY_VALUE of it in a grouped scope."""
+    from sqlglot import exp
+
+    if isinstance(node, exp.AnyValue):
+        node = node.this
+    return isinstance(node, exp.Column) and node.name == FOUND
 
 
 def register(spark, config: Config | None = None, **options) -> None:
@@ -233,35 +232,36 @@ def register(spark, config: Config | None = None, **options) -> None:
     >>> spark.sql("SELECT llm('Genre?', title) FROM movies").show()               # doctest: +SKIP
     """
     config = config or Config.from_kwargs(**options)
+    if getattr(spark, "_llmudf_registered", None) == config:
+        return  # the registrations cost ~0.05 s, on every `sql` call
     for name in FUNCTIONS:
         spark.udf.register(name, _batch_udf(name, config))
-        spark.udf.register(f"{_MISSES}{name}", _batch_udf(name, config, for_misses=True))
+    spark._llmudf_registered = config
 
 
-# The second pass of a rewritten query answers tuples the first pass missed with these
-# non-deterministic twins of the UDFs: Spark pushes a filter on a deterministic UDF's answer
-# (`WHERE llm_filter(...)`) through the union of answers down to the source rows, which ran
-# the model on every row of every action.
-_MISSES = "__llmudf_misses_"
-
-
-def batch_column(site, keys: list, for_misses: bool = False):
+def batch_column(site, keys: list, unless=None):
     """The per-batch UDF call of a DataFrame-API call site (`spark_frame.FrameSite`) on the
     Columns `keys`: its instruction Column first unless the instruction is a str, then its
-    fields. `for_misses`: the non-deterministic twin (see `_MISSES`)."""
+    fields. `unless`: a boolean Column; where it is true, the instruction and fields are NULL,
+    so the answer is NULL and the model is not asked (see `_misses_only`)."""
     from pyspark.sql import functions as F
 
     keys = list(keys)
-    args = [F.lit(site.instruction) if isinstance(site.instruction, str) else keys.pop(0)]
+    instruction = F.lit(site.instruction) if isinstance(site.instruction, str) else keys.pop(0)
+    args = [instruction]
     if site.const is not None:
         const = site.const
         args.append(F.lit(const if isinstance(const, str) else list(const)))
     if site.fields:
         names = [name for name, _column in site.fields]
         args.append(F.struct(*[c.alias(n) for c, n in zip(keys, names, strict=True)]))
+    if unless is not None:  # CASE WHEN unless THEN NULL ELSE arg END: a NULL `unless` keeps arg
+        args[0] = F.when(unless, F.lit(None)).otherwise(instruction)
+        if site.fields:
+            args[-1] = F.when(unless, F.lit(None)).otherwise(args[-1])
     if site.options:
         args.append(F.struct(*[F.lit(v).alias(k) for k, v in site.options]))
-    return _batch_udf(site.spec.function.name, site.config, for_misses)(*args)
+    return _batch_udf(site.spec.function.name, site.config)(*args)
 
 
 llm = column_function("llm")
@@ -274,8 +274,8 @@ llm_json = column_function("llm_json")
 # ---- private ---------------------------------------------------------------------------------
 
 
-def _batch_udf(name: str, config: Config, for_misses: bool = False):
-    """The per-batch pandas UDF of `name`; `for_misses`: its non-deterministic twin."""
+def _batch_udf(name: str, config: Config):
+    """The per-batch pandas UDF of `name`."""
     from pyspark.sql.functions import pandas_udf
 
     function = FUNCTIONS[name]
@@ -289,7 +289,9 @@ def _batch_udf(name: str, config: Config, for_misses: bool = False):
         if len(rest) >= 2 and isinstance(rest[-1], pd.DataFrame) and is_options(list(rest[-1])):
             call_options = rest.pop().iloc[0].to_dict()
         spec = bind_call(name, const, call_options, f"{name} (per batch)")
-        instruction = args[0].tolist()
+        instruction = pa.Array.from_pandas(args[0]).to_pylist()  # NULL: None, never NaN
+        if all(i is None for i in instruction):  # NULL answers; no engine server is needed
+            return pd.Series([None] * len(instruction), dtype=object)
         if len(set(instruction)) == 1 and instruction[0] is not None:
             instruction = instruction[0]
         fields = _fields_table(rest, len(args[0]))
@@ -297,8 +299,7 @@ def _batch_udf(name: str, config: Config, for_misses: bool = False):
         result = run_call(spec, instruction, fields, config, _task_client(config), cache)
         return pd.Series(result.answers.to_pylist(), dtype=object)
 
-    batch = pandas_udf(udf, returnType=_SPARK_TYPES[function.arrow_type.id])
-    return batch.asNondeterministic() if for_misses else batch
+    return pandas_udf(udf, returnType=_SPARK_TYPES[function.arrow_type.id])
 
 
 _SPARK_TYPES = {

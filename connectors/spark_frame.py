@@ -28,6 +28,8 @@ import re
 import threading
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 from llmudf.cache import open_cache
 from llmudf.config import Config
 from llmudf.executor import run_call
@@ -213,16 +215,21 @@ def _join_answers(frame, site: FrameSite):
     instruction, fields = site.inputs(table)
     cache = open_cache(config.cache_dir) if config.cache else None
     result = run_call(site.spec, instruction, fields, config, SparkClient(spark, config), cache)
+    found = f"{site.name}_found"
     table = table.append_column(site.name, result.answers)
-    answered = spark.createDataFrame(table, schema=_spark_schema(table))
-    # tuples the source did not hold when it was read above: answered per batch, lazily
-    misses = args.subtract(answered.select(*keys))
-    misses = misses.withColumn(site.name, batch_column(site, [F.col(k) for k in keys], True))
-    answers = answered.unionByName(misses)
+    table = table.append_column(found, pa.array([True] * table.num_rows, pa.bool_()))
     sides = [f"{k}_a" for k in keys]
-    answers = answers.toDF(*sides, site.name)
+    # a local relation, joined by broadcast without a job of its own; the left join keeps
+    # the frame's row order
+    answers = spark.createDataFrame(table, schema=_spark_schema(table)).toDF(
+        *sides, site.name, found
+    )
     on = [c.eqNullSafe(F.col(a)) for c, a in zip(site.key_columns(), sides, strict=True)]
-    return frame.join(F.broadcast(answers), on=on or F.lit(True), how="left").drop(*sides)
+    frame = frame.join(F.broadcast(answers), on=on or F.lit(True), how="left")
+    # tuples the source did not hold when it was read above: answered per batch, lazily
+    miss = batch_column(site, site.key_columns(), unless=F.col(found))
+    answer = F.when(F.col(found), F.col(site.name)).otherwise(miss)
+    return frame.withColumn(site.name, answer).drop(*sides, found)
 
 
 def _answering(method, rename: bool = False):

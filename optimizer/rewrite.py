@@ -69,6 +69,11 @@ class QueryRewrite:
             raise UnsupportedQuery(f"not a query: {self.tree.key.upper()}")
         if any(w.args.get("recursive") for w in self.tree.find_all(exp.With)):
             raise UnsupportedQuery("recursive CTEs are not rewritten")
+        for site in self.sites:
+            if _over_aggregate(site.node, self._scope_of(site.node)):
+                raise UnsupportedQuery(
+                    f"{site.label}: an argument is an aggregate (or a grouped LLM answer)"
+                )
         self._run_sql, self._answer, self._assume_pass = run_sql, answer, assume_pass
         for scope in _selects_post_order(self.tree):
             if self._direct_calls(scope, scope):
@@ -223,6 +228,19 @@ def _is_grouped(scope: exp.Select) -> bool:
         for e in scope.expressions
         for agg in e.find_all(exp.AggFunc)
     )
+
+
+def _over_aggregate(call: exp.Anonymous, scope: exp.Select | None) -> bool:
+    """The call's arguments hold an aggregate of its scope, directly or as the ANY_VALUE an
+    inner LLM call on group keys becomes: its answers cannot be joined to the rows."""
+    if scope is None:
+        return False
+    for agg in call.find_all(exp.AggFunc):
+        if agg.find_ancestor(exp.Select) is scope and not _in_aggregate(call, scope):
+            return True
+    if not _is_grouped(scope) or _in_aggregate(call, scope):
+        return False
+    return any(inner is not call for inner in llm_calls(call))
 
 
 def _in_aggregate(node: exp.Expression, scope: exp.Select) -> bool:

@@ -112,7 +112,7 @@ def test_filter_in_where_matches_projection(env, duckdb_answers):
     assert got == [i for i, _, f in duckdb_answers if f]
 
 
-def test_rows_without_an_answer_get_one_in_a_second_pass(env, tmp_path):
+def test_rows_without_an_answer_get_one_when_the_query_runs(env, tmp_path):
     import llmudf.spark as lspark
 
     spark = env["spark"]
@@ -288,8 +288,8 @@ def test_dataframe_bad_calls_fail_when_the_column_is_made(env):
 
 
 def test_answered_rows_are_not_sent_to_the_model_again_when_the_query_runs(env):
-    """A filter on an answer must not be pushed through the second pass down to the source
-    rows (it would run the model on every row of every action)."""
+    """Spark evaluates the per-batch UDF that answers missed tuples on every row: it must not
+    ask the model for the rows whose answers were found."""
     import llmudf.spark as lspark
     from llmudf.engine.flight_client import FlightEngineClient, node_server
     from llmudf.spark import llm_filter
@@ -305,3 +305,32 @@ def test_answered_rows_are_not_sent_to_the_model_again_when_the_query_runs(env):
         served = client.action("stats")["num_served"]
         assert frame.count() == frame.count()
         assert client.action("stats")["num_served"] == served
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT ID, llm('Shorten it.', struct(llm('Describe the genre.', Genre) AS d)) AS s "
+        "FROM movies WHERE Year >= 2000 ORDER BY ID",
+        "SELECT Genre, llm('Describe the genre.', Genre) AS d, COUNT(*) AS n FROM movies "
+        "WHERE Year >= 2000 GROUP BY Genre ORDER BY Genre",
+    ],
+    ids=["nested", "grouped"],
+)
+def test_nested_and_grouped_calls_agree_with_duckdb_and_are_answered_once(env, query):
+    import llmudf.spark as lspark
+    from llmudf.engine.flight_client import FlightEngineClient, node_server
+
+    con = llmudf.connect(config=config(env))
+    con.register("movies", env["movies"])
+    expected = con.sql(query).fetchall()
+    assert len(expected) > 3 and len({r[1] for r in expected}) > 1
+
+    spark, cfg = env["spark"], config(env)
+    frame = lspark.sql(spark, query, config=cfg)
+    client = FlightEngineClient(node_server(env["model"], ENGINE)["location"])
+    served = client.action("stats")["num_served"]
+    assert rows(frame) == expected
+    assert rows(frame) == expected
+    assert client.action("stats")["num_served"] == served  # answered when `sql` ran
+    assert rows(lspark.sql(spark, query, config=config(env, rewrite=False))) == expected

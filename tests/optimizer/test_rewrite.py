@@ -196,6 +196,12 @@ def test_unsupported_shapes_say_so(con):
         )
     with pytest.raises(UnsupportedQuery, match="without FROM"):
         _rewritten(con, "SELECT llm('Hi')")
+    for sql in (
+        "SELECT genre, llm('S', {'t': string_agg(title)}) FROM movies GROUP BY genre",
+        "SELECT genre, llm('O', {'i': llm('I', genre)}) FROM movies GROUP BY genre",
+    ):
+        with pytest.raises(UnsupportedQuery, match="an argument is an aggregate"):
+            _rewritten(con, sql)
 
 
 def test_call_on_a_group_key_is_looked_up_once_per_group(con):
