@@ -73,14 +73,22 @@ class ModelRunner:
         if not rows:
             return []
         sampling = [seqs[i] for i in rows]
-        logits = self.model.compute_logits(hidden)[:, : self.vocab_size]  # [N, V] fp32
+        params = [seq.params for seq in sampling]
+        allowed = [self._allowed(seq) for seq in sampling]
+        want_logprobs = any(p.logprobs for p in params)
+        candidates = _candidate_tokens(allowed, params, want_logprobs)
+        if candidates is None:
+            logits = self.model.compute_logits(hidden)[:, : self.vocab_size]  # [N, V] fp32
+        else:  # the logits of the few tokens the rows may take: [N, U]
+            candidates = torch.tensor(candidates, device=self.device)
+            logits = self.model.compute_logits(hidden, candidates)
+            column = {t: j for j, t in enumerate(candidates.tolist())}
+            allowed = [[column[t] for t in a] for a in allowed]
         tokens, logprobs = self.sampler.sample(
-            logits,
-            [seq.params for seq in sampling],
-            [seq.generator for seq in sampling],
-            [self._allowed(seq) for seq in sampling],
-            want_logprobs=any(seq.params.logprobs for seq in sampling),
+            logits, params, [seq.generator for seq in sampling], allowed, want_logprobs
         )
+        if candidates is not None:
+            tokens = candidates[tokens]
         token_list = tokens.tolist()
         lp_list = logprobs.tolist() if logprobs is not None else [None] * len(sampling)
         return [
@@ -94,6 +102,20 @@ class ModelRunner:
         if seq.json_state is not None:
             return seq.json_state.allowed()
         return None
+
+
+# above this many candidate tokens a step computes the whole vocabulary's logits
+MAX_CANDIDATE_TOKENS = 256
+
+
+def _candidate_tokens(allowed: list, params: list, want_logprobs: bool) -> list[int] | None:
+    """The sorted token ids some row may take, when every row is greedy and constrained to a
+    few (choices: llm_filter, llm_choice, llm_score), so the step skips the rest of the
+    vocabulary's logits (for SmolLM2-135M, 28M of its 135M weights); else None."""
+    if want_logprobs or any(a is None for a in allowed) or any(not p.is_greedy for p in params):
+        return None
+    union = sorted(set().union(*allowed))
+    return union if len(union) <= MAX_CANDIDATE_TOKENS else None
 
 
 @functools.cache

@@ -161,9 +161,12 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, meta, kv_cache, output_rows if i == last else None)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+    def compute_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None):
+        """hidden [N, hidden] -> logits [N, vocab] in float32; with `token_ids` [U], the logits
+        of those tokens only: [N, U]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if token_ids is not None:
+            weight = weight.index_select(0, token_ids.to(weight.device))
         return F.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

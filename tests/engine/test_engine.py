@@ -146,6 +146,30 @@ def test_choices_constrain_the_answer(tiny):
     assert [o.text for o in sampled[0]] == [o.text for o in sampled[1]]
 
 
+def test_greedy_choices_compute_only_their_tokens_logits_and_pick_the_same(tiny, monkeypatch):
+    from llmudf.engine import model_runner
+
+    choice_sets = (["yes", "no", "not sure"], ["1", "2", "3", "4", "5"], ["Drama", "Comedy"])
+    engine = make_engine(tiny)
+    widths = []
+    compute_logits = engine.runner.model.compute_logits
+
+    def spy(hidden, token_ids=None):
+        logits = compute_logits(hidden, token_ids)
+        widths.append(logits.shape[1])
+        return logits
+
+    monkeypatch.setattr(engine.runner.model, "compute_logits", spy)
+    subset = [engine.generate(prompts(12), SamplingParams(choices=c)) for c in choice_sets]
+    assert widths and max(widths) <= 8  # the choices' tokens (+ EOS), not the vocabulary
+    monkeypatch.setattr(model_runner, "MAX_CANDIDATE_TOKENS", 0)
+    widths.clear()
+    full = [make_engine(tiny).generate(prompts(12), SamplingParams(choices=c)) for c in choice_sets]
+    assert min(widths) >= engine.runner.vocab_size
+    assert [[o.text for o in outs] for outs in subset] == [[o.text for o in outs] for outs in full]
+    assert len({o.text for outs in subset for o in outs}) > 3
+
+
 def test_stop_strings_eos_and_stream(tiny, reference):
     engine = make_engine(tiny)
     tokenizer = tiny[2]
