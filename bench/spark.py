@@ -11,9 +11,11 @@ result cache off.
     the whole DataFrame the same way.
 Both sides run the same engine server setup; each query on each side gets a fresh server
 (no prefix cache carried over), warmed before timing, after one untimed run of every query
-on both sides over 10 rows (Spark's first-run costs). The questions are about categorical
-columns (300 top movies: 59 countries), the common case, as in bench/query.py. Prints the
-ratios and ends with one JSON line.
+on both sides over 10 rows cached and partitioned like the timed table (Spark's first-run
+costs: code generation for the same plans, Python workers). The questions are about
+categorical columns (300 top movies: 59 countries), the common case, as in bench/query.py.
+Each query runs `--repeat` times on each side, the sides alternating; the medians are
+compared. Prints the ratios and ends with one JSON line.
 
     python bench/spark.py --rows 300
 """
@@ -25,6 +27,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -112,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300, help="movies in the table")
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per side and query")
     args = parser.parse_args()
     os.environ.setdefault("LLMUDF_CACHE_DIR", str(Path(tempfile.gettempdir()) / "llmudf-bench"))
 
@@ -131,22 +135,33 @@ def main() -> None:
     plain_config = replace(ours_config, rewrite=False, dedup=False, reorder_rows=False)
     _warm_workers(spark)
     # one untimed run of every query on both sides over 10 rows, so that neither side's
-    # timing pays for Spark's first-run costs (code generation, Python workers)
-    spark.createDataFrame(omdb.slice(0, 10).to_pandas()).createOrReplaceTempView("omdb")
+    # timing pays for Spark's first-run costs (code generation, Python workers); the 10 rows
+    # are cached and partitioned as the timed table is, so that the plans are the same
     frames = _frames()
-    for frame in frames.values():
-        for config in (plain_config, ours_config):
-            _timed(spark, frame, config)
-    spark.createDataFrame(omdb.to_pandas()).repartition(2).cache().createOrReplaceTempView("omdb")
-    spark.table("omdb").count()  # materialize the cached table before any timing
+    for table in (omdb.slice(0, 10), omdb):
+        spark.createDataFrame(table.to_pandas()).repartition(2).cache().createOrReplaceTempView(
+            "omdb"
+        )
+        spark.table("omdb").count()  # materialize the cached table before any timing
+        if table.num_rows < omdb.num_rows:
+            for frame in frames.values():
+                for config in (plain_config, ours_config):
+                    _timed(spark, frame, config)
     report: dict = {"rows": omdb.num_rows}
     identical = True
     answers: dict[str, list] = {}
     for label, frame in frames.items():
-        plain_s, plain = _timed(spark, frame, plain_config)
-        ours_s, ours = _timed(spark, frame, ours_config)
-        # the DataFrame API must also give the SQL query's answers
-        same = plain == ours == answers.setdefault(label.removesuffix("_dataframe"), ours)
+        # the sides alternate, `--repeat` times; the medians are compared
+        runs = [
+            [_timed(spark, frame, config) for config in (plain_config, ours_config)]
+            for _ in range(args.repeat)
+        ]
+        plain_s = statistics.median(plain[0] for plain, _ours in runs)
+        ours_s = statistics.median(ours[0] for _plain, ours in runs)
+        ours = runs[0][1][1]
+        # every run, and the DataFrame API, must give the SQL query's answers
+        expected = answers.setdefault(label.removesuffix("_dataframe"), ours)
+        same = all(run[1] == expected for pair in runs for run in pair)
         identical &= same
         speedup = plain_s / ours_s
         print(

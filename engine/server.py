@@ -133,6 +133,7 @@ class FlightEngineServer(flight.FlightServerBase):
                 "num_running": self.service.num_running,
                 "num_served": self.service.num_served,
                 "pid": os.getpid(),
+                "engine": _engine_stats(self.service.engine),
             }
         else:
             raise flight.FlightServerError(
@@ -146,6 +147,20 @@ class FlightEngineServer(flight.FlightServerBase):
             ("ready", "is the model loaded and the server accepting work"),
             ("stats", "queue lengths and requests served"),
         ]
+
+
+def _engine_stats(engine) -> dict | None:
+    """The engine's counters (None before it is built): steps, tokens, time in steps."""
+    stats = getattr(engine, "stats", None)
+    if stats is None:
+        return None
+    return {
+        "num_steps": stats.num_steps,
+        "num_prompt_tokens": stats.num_prompt_tokens,
+        "num_cached_tokens": stats.num_cached_tokens,
+        "num_forward_tokens": stats.num_forward_tokens,
+        "elapsed_s": round(stats.elapsed_s, 4),
+    }
 
 
 class EngineServer:

@@ -99,29 +99,56 @@ class _Prefill:
 
 
 @dataclass
+class _Padded:
+    """Sequences attended in one SDPA call, their new tokens padded to `q_len` and their K/V
+    to `num_pages` pages: the decodes of a step, or its short prefill chunks (the new rows of
+    many prompts after a shared cached prefix), which one call per chunk would spend more on
+    call overhead than on attention."""
+
+    q_len: int
+    rows: torch.Tensor  # [B * q_len] flat-batch row of each padded query (padding: row 0)
+    real: torch.Tensor  # [n] positions in `rows` that are real tokens
+    pages: torch.Tensor  # [B * num_pages] int64 page ids, padding pages masked
+    mask: torch.Tensor  # [B, 1, G * q_len, num_pages * page_size] additive
+
+
+@dataclass
 class _TorchPlan:
     """Index tensors shared by all layers of one step (built once from the metadata). K/V are
     gathered with `index_select` over whole pages (several times faster than advanced
     indexing); masks are additive, so SDPA does not convert a bool mask in every layer."""
 
-    decode_rows: torch.Tensor | None  # [Bd] flat-batch rows of single-token sequences
-    decode_pages: torch.Tensor | None  # [Bd * max_pages] int64 page ids, padding pages masked
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_pages * page_size] additive
+    padded: list[_Padded]
     prefill_pages: torch.Tensor | None  # [sum of ceil(k_len / page_size)] int64 page ids
     prefills: list[_Prefill]
+
+
+# prefill chunks of at most this many tokens are padded into one call when the padding at
+# most doubles the attention work
+_SHORT_CHUNK = 32
 
 
 def _plan(meta: AttentionMetadata, page_size: int, group: int, dtype: torch.dtype) -> _TorchPlan:
     cu = meta.cu_seqlens_q.tolist()
     seq_lens = meta.seq_lens.tolist()
+    q_lens = [cu[b + 1] - cu[b] for b in range(len(seq_lens))]
+    decodes = [b for b, q_len in enumerate(q_lens) if q_len == 1]
+    short = [b for b, q_len in enumerate(q_lens) if 1 < q_len <= _SHORT_CHUNK]
+    if len(short) > 1:
+        work = sum(q_lens[b] * seq_lens[b] for b in short)
+        padded_work = len(short) * max(q_lens[b] for b in short) * max(seq_lens[b] for b in short)
+        if padded_work > 2 * work:
+            short = []
+    else:
+        short = []
+    padded = [_padded(meta, batch, page_size, group, dtype) for batch in (decodes, short) if batch]
     device = meta.block_tables.device
     tables = meta.block_tables.long()
-    decodes, prefills, prefill_pages = [], [], []
+    prefills, prefill_pages = [], []
     k_start = 0
     for b, k_len in enumerate(seq_lens):
-        q_len = cu[b + 1] - cu[b]
-        if q_len == 1:
-            decodes.append(b)
+        q_len = q_lens[b]
+        if q_len == 1 or b in short:
             continue
         mask = None
         if q_len != k_len or group > 1:
@@ -134,15 +161,29 @@ def _plan(meta: AttentionMetadata, page_size: int, group: int, dtype: torch.dtyp
         prefills.append(_Prefill(cu[b], q_len, k_start, k_len, mask))
         k_start += num_pages * page_size
     prefill_pages = torch.cat(prefill_pages) if prefills else None
-    if not decodes:
-        return _TorchPlan(None, None, None, prefill_pages, prefills)
-    lens = torch.tensor([seq_lens[b] for b in decodes], device=device)
-    max_pages = -(-int(lens.max()) // page_size)
-    rows = torch.tensor([cu[b] for b in decodes], device=device)
-    pages = tables[torch.tensor(decodes, device=device), :max_pages].reshape(-1)
-    allowed = torch.arange(max_pages * page_size, device=device)[None, :] < lens[:, None]
-    mask = _additive(allowed, dtype)[:, None, None, :]
-    return _TorchPlan(rows, pages, mask, prefill_pages, prefills)
+    return _TorchPlan(padded, prefill_pages, prefills)
+
+
+def _padded(meta, batch: list[int], page_size: int, group: int, dtype) -> _Padded:
+    device = meta.block_tables.device
+    index = torch.tensor(batch, device=device)
+    starts = meta.cu_seqlens_q.long()[index]  # [B]
+    q_lens = meta.cu_seqlens_q.long()[index + 1] - starts
+    k_lens = meta.seq_lens.long()[index]
+    q_len = int(q_lens.max())
+    num_pages = -(-int(k_lens.max()) // page_size)
+    offsets = torch.arange(q_len, device=device)[None, :]  # [1, q]
+    is_real = offsets < q_lens[:, None]  # [B, q]
+    rows = torch.where(is_real, starts[:, None] + offsets, 0).reshape(-1)
+    # query i of sequence b sits at position k_len - q_len_b + i; padding queries see key 0
+    # only, so that no row of the softmax is empty
+    q_pos = (k_lens - q_lens)[:, None] + offsets  # [B, q]
+    keys = torch.arange(num_pages * page_size, device=device)[None, None, :]  # [1, 1, L]
+    allowed = (keys <= q_pos[:, :, None]) & is_real[:, :, None]
+    allowed[:, :, 0] |= ~is_real
+    mask = _additive(allowed, dtype).repeat(1, group, 1)[:, None]  # [B, 1, G*q, L]
+    pages = meta.block_tables.long()[index, :num_pages].reshape(-1)
+    return _Padded(q_len, rows, is_real.reshape(-1).nonzero()[:, 0], pages, mask)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -181,16 +222,20 @@ def paged_attention(
         meta._plan = _plan(meta, page_size, group, q.dtype)
     plan = meta._plan
     out = torch.empty_like(q)
-    if plan.decode_rows is not None:
-        num_seqs = plan.decode_rows.shape[0]
-        qd = q[plan.decode_rows].view(num_seqs, num_kv_heads, group, head_dim)
+    for padded in plan.padded:
+        # [B*q, Hq, D] -> [B, Hkv, G*q, D]: the query rows of one KV head's group stacked
+        num_seqs = padded.rows.shape[0] // padded.q_len
+        qp = q[padded.rows].view(num_seqs, padded.q_len, num_kv_heads, group, head_dim)
+        qp = qp.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, -1, head_dim)
         shape = (num_seqs, -1, num_kv_heads, head_dim)
-        kd = _gather(k_cache, plan.decode_pages).view(shape).transpose(1, 2)  # [Bd, Hkv, L, D]
-        vd = _gather(v_cache, plan.decode_pages).view(shape).transpose(1, 2)
-        od = F.scaled_dot_product_attention(
-            qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=plan.decode_mask, scale=scale
+        kp = _gather(k_cache, padded.pages).view(shape).transpose(1, 2)  # [B, Hkv, L, D]
+        vp = _gather(v_cache, padded.pages).view(shape).transpose(1, 2)
+        op = F.scaled_dot_product_attention(
+            qp, kp.to(q.dtype), vp.to(q.dtype), attn_mask=padded.mask, scale=scale
         )
-        out[plan.decode_rows] = od.reshape(num_seqs, num_heads, head_dim)
+        op = op.view(num_seqs, num_kv_heads, group, padded.q_len, head_dim).permute(0, 3, 1, 2, 4)
+        op = op.reshape(-1, num_heads, head_dim)
+        out[padded.rows[padded.real]] = op[padded.real]
     if not plan.prefills:
         return out
     # one gather per layer for every prefill chunk; [Hkv, rows, D] views of it per sequence

@@ -65,8 +65,13 @@ def test_actions_report_health_and_readiness(server):
     client = FlightEngineClient(server.location)
     assert client.action("health") == {"alive": True, "error": None}
     assert client.action("ready")["ready"] is True
+    before = client.action("stats")
+    outs = client.generate(PROMPTS[:2], PARAMS)
     stats = client.action("stats")
-    assert stats["num_waiting"] == 0 and stats["num_served"] >= 0
+    assert stats["num_waiting"] == 0 and stats["num_served"] == before["num_served"] + 2
+    engine, engine_before = stats["engine"], before["engine"] or {"num_prompt_tokens": 0}
+    added = engine["num_prompt_tokens"] - engine_before["num_prompt_tokens"]
+    assert added == sum(o.num_prompt_tokens for o in outs) and engine["elapsed_s"] > 0
     with pytest.raises(flight.FlightServerError, match="unknown action"):
         client.action("explode")
 

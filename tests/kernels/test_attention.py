@@ -60,6 +60,18 @@ def test_mixed_prefill_and_decode_match_dense_attention(num_heads, num_kv_heads,
     run_batch([7, 5, 1, 1, 1], [7, 12, 1, 9, 30], num_heads, num_kv_heads, page_size)
 
 
+@pytest.mark.parametrize(
+    "query_lens,seq_lens",
+    [
+        ([3, 8, 2, 5, 1], [40, 44, 41, 50, 45]),  # padded into one call (plus the decode)
+        ([2, 30], [100, 30]),  # padding would triple the work: one call per chunk
+    ],
+)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
+def test_short_prefill_chunks_after_cached_prefixes(query_lens, seq_lens, num_heads, num_kv_heads):
+    run_batch(query_lens, seq_lens, num_heads, num_kv_heads, page_size=4)
+
+
 def test_decode_only_batch_of_equal_lengths():
     run_batch([1, 1, 1], [10, 10, 10], 4, 2, 4)
 
