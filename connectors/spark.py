@@ -28,6 +28,7 @@ from dataclasses import asdict, replace
 
 import pandas as pd
 import pyarrow as pa
+import sqlglot
 
 from llmudf.cache import open_cache
 from llmudf.client import get_client
@@ -153,7 +154,9 @@ def sql(spark, query: str, config: Config | None = None, **options):
     client = SparkClient(spark, config)
 
     def run_sql(text: str) -> pa.Table:
-        return spark.sql(text).toArrow()
+        # a later call's argument query joins the answers of the earlier ones: found rows
+        # must not reach the model there either
+        return spark.sql(_misses_only(sqlglot.parse_one(text, read="spark")).sql("spark")).toArrow()
 
     def answer(site, args: pa.Table) -> str:
         instruction, fields = site.inputs(args)

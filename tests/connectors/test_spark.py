@@ -334,3 +334,25 @@ def test_nested_and_grouped_calls_agree_with_duckdb_and_are_answered_once(env, q
     assert rows(frame) == expected
     assert client.action("stats")["num_served"] == served  # answered when `sql` ran
     assert rows(lspark.sql(spark, query, config=config(env, rewrite=False))) == expected
+
+
+def test_a_second_filter_asks_the_model_only_for_the_survivors_of_the_first(env):
+    """The argument query of the second LLM filter joins the first one's answers; the rows
+    found there must not reach the model through the per-batch UDF."""
+    import llmudf.spark as lspark
+    from llmudf.engine.flight_client import FlightEngineClient, node_server
+
+    spark, cfg = env["spark"], config(env)
+    drama = "llm_filter('Is it a drama?', Genre)"
+    passed = rows(lspark.sql(spark, f"SELECT DISTINCT Genre FROM movies WHERE {drama}", cfg))
+    movies = env["movies"]
+    survivors = movies[movies.Genre.isin([g for (g,) in passed])]
+    assert 0 < len(survivors) < len(movies)
+
+    client = FlightEngineClient(node_server(env["model"], ENGINE)["location"])
+    served = client.action("stats")["num_served"]
+    query = f"SELECT ID FROM movies WHERE {drama} AND llm_filter('Is it long?', Title)"
+    frame = lspark.sql(spark, query, config=cfg)
+    asked = client.action("stats")["num_served"] - served
+    assert asked == movies.Genre.nunique(dropna=False) + survivors.Title.nunique()
+    assert len(rows(frame)) <= len(survivors)
