@@ -356,3 +356,28 @@ def test_a_second_filter_asks_the_model_only_for_the_survivors_of_the_first(env)
     asked = client.action("stats")["num_served"] - served
     assert asked == movies.Genre.nunique(dropna=False) + survivors.Title.nunique()
     assert len(rows(frame)) <= len(survivors)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "llm_choice('Mood?', array('happy', 'sad', 'tense'), Title, Genre)",
+        'llm_json(\'Describe it.\', \'{"type": "object", "properties": '
+        '{"mood": {"type": "string"}}, "required": ["mood"]}\', Genre)',
+    ],
+    ids=["llm_choice", "llm_json"],
+)
+def test_choice_and_json_calls_agree_with_the_per_batch_path_and_are_answered_once(env, call):
+    import llmudf.spark as lspark
+    from llmudf.engine.flight_client import FlightEngineClient, node_server
+
+    spark = env["spark"]
+    query = f"SELECT ID, {call} AS a FROM movies WHERE Year >= 2005 ORDER BY ID"
+    frame = lspark.sql(spark, query, config=config(env, max_tokens=12))
+    client = FlightEngineClient(node_server(env["model"], ENGINE)["location"])
+    served = client.action("stats")["num_served"]
+    got = rows(frame)
+    assert client.action("stats")["num_served"] == served
+    per_batch = rows(lspark.sql(spark, query, config=config(env, max_tokens=12, rewrite=False)))
+    assert got == per_batch and len(got) > 10
+    assert len({a for _, a in got}) > 1, got[:5]
