@@ -80,10 +80,10 @@ class ModelRunner:
         if candidates is None:
             logits = self.model.compute_logits(hidden)[:, : self.vocab_size]  # [N, V] fp32
         else:  # the logits of the few tokens the rows may take: [N, U]
+            column = {t: j for j, t in enumerate(candidates)}
+            allowed = [[column[t] for t in a] for a in allowed]
             candidates = torch.tensor(candidates, device=self.device)
             logits = self.model.compute_logits(hidden, candidates)
-            column = {t: j for j, t in enumerate(candidates.tolist())}
-            allowed = [[column[t] for t in a] for a in allowed]
         tokens, logprobs = self.sampler.sample(
             logits, params, [seq.generator for seq in sampling], allowed, want_logprobs
         )

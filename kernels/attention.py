@@ -108,6 +108,7 @@ class _Padded:
     q_len: int
     rows: torch.Tensor  # [B * q_len] flat-batch row of each padded query (padding: row 0)
     real: torch.Tensor  # [n] positions in `rows` that are real tokens
+    real_rows: torch.Tensor  # [n] their flat-batch rows: rows[real]
     pages: torch.Tensor  # [B * num_pages] int64 page ids, padding pages masked
     mask: torch.Tensor  # [B, 1, G * q_len, num_pages * page_size] additive
 
@@ -134,21 +135,17 @@ def _plan(meta: AttentionMetadata, page_size: int, group: int, dtype: torch.dtyp
     q_lens = [cu[b + 1] - cu[b] for b in range(len(seq_lens))]
     decodes = [b for b, q_len in enumerate(q_lens) if q_len == 1]
     short = [b for b, q_len in enumerate(q_lens) if 1 < q_len <= _SHORT_CHUNK]
-    if len(short) > 1:
-        work = sum(q_lens[b] * seq_lens[b] for b in short)
-        padded_work = len(short) * max(q_lens[b] for b in short) * max(seq_lens[b] for b in short)
-        if padded_work > 2 * work:
-            short = []
-    else:
+    if len(short) < 2 or not _worth_padding(short, q_lens, seq_lens):
         short = []
     padded = [_padded(meta, batch, page_size, group, dtype) for batch in (decodes, short) if batch]
+    in_padded = set(short)
     device = meta.block_tables.device
     tables = meta.block_tables.long()
     prefills, prefill_pages = [], []
     k_start = 0
     for b, k_len in enumerate(seq_lens):
         q_len = q_lens[b]
-        if q_len == 1 or b in short:
+        if q_len == 1 or b in in_padded:
             continue
         mask = None
         if q_len != k_len or group > 1:
@@ -162,6 +159,13 @@ def _plan(meta: AttentionMetadata, page_size: int, group: int, dtype: torch.dtyp
         k_start += num_pages * page_size
     prefill_pages = torch.cat(prefill_pages) if prefills else None
     return _TorchPlan(padded, prefill_pages, prefills)
+
+
+def _worth_padding(batch: list[int], q_lens: list[int], seq_lens: list[int]) -> bool:
+    """Padded to one call, the chunks' attention work at most doubles."""
+    work = sum(q_lens[b] * seq_lens[b] for b in batch)
+    padded = len(batch) * max(q_lens[b] for b in batch) * max(seq_lens[b] for b in batch)
+    return padded <= 2 * work
 
 
 def _padded(meta, batch: list[int], page_size: int, group: int, dtype) -> _Padded:
@@ -183,7 +187,8 @@ def _padded(meta, batch: list[int], page_size: int, group: int, dtype) -> _Padde
     allowed[:, :, 0] |= ~is_real
     mask = _additive(allowed, dtype).repeat(1, group, 1)[:, None]  # [B, 1, G*q, L]
     pages = meta.block_tables.long()[index, :num_pages].reshape(-1)
-    return _Padded(q_len, rows, is_real.reshape(-1).nonzero()[:, 0], pages, mask)
+    real = is_real.reshape(-1).nonzero()[:, 0]
+    return _Padded(q_len, rows, real, rows[real], pages, mask)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -235,7 +240,7 @@ def paged_attention(
         )
         op = op.view(num_seqs, num_kv_heads, group, padded.q_len, head_dim).permute(0, 3, 1, 2, 4)
         op = op.reshape(-1, num_heads, head_dim)
-        out[padded.rows[padded.real]] = op[padded.real]
+        out[padded.real_rows] = op[padded.real]
     if not plan.prefills:
         return out
     # one gather per layer for every prefill chunk; [Hkv, rows, D] views of it per sequence

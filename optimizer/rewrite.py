@@ -233,14 +233,11 @@ def _is_grouped(scope: exp.Select) -> bool:
 def _over_aggregate(call: exp.Anonymous, scope: exp.Select | None) -> bool:
     """The call's arguments hold an aggregate of its scope, directly or as the ANY_VALUE an
     inner LLM call on group keys becomes: its answers cannot be joined to the rows."""
-    if scope is None:
+    if scope is None or _in_aggregate(call, scope):
         return False
-    for agg in call.find_all(exp.AggFunc):
-        if agg.find_ancestor(exp.Select) is scope and not _in_aggregate(call, scope):
-            return True
-    if not _is_grouped(scope) or _in_aggregate(call, scope):
-        return False
-    return any(inner is not call for inner in llm_calls(call))
+    if any(agg.find_ancestor(exp.Select) is scope for agg in call.find_all(exp.AggFunc)):
+        return True
+    return _is_grouped(scope) and any(inner is not call for inner in llm_calls(call))
 
 
 def _in_aggregate(node: exp.Expression, scope: exp.Select) -> bool:
