@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
-import collections
 import itertools
 import re
+import sys
 import threading
 
 import duckdb
@@ -29,7 +29,6 @@ from llmudf.optimizer.explain import LLMExplain, explain_call
 from llmudf.optimizer.plan import PlanOptions, plan_call
 from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
 
-KEEP_ANSWER_TABLES = 16  # queries whose answer tables stay registered
 _LLM_CALL = re.compile(r"\bllm(_filter|_choice|_score|_json)?\s*\(", re.IGNORECASE)
 
 
@@ -75,7 +74,10 @@ def register(con: duckdb.DuckDBPyConnection, config: Config | None = None, **opt
             function.sql_type,
             type="arrow",
             null_handling="special",
-            side_effects=True,  # never constant-folded or shared between call sites
+            # deterministic (same arguments, same answer): DuckDB refuses volatile
+            # functions in a window's PARTITION BY / ORDER BY; identical calls may share
+            # one evaluation, which is what the result cache would give them anyway
+            side_effects=False,
         )
     return runtime
 
@@ -99,16 +101,24 @@ def connect(
 class Connection:
     """A duckdb connection wrapper: LLM queries are rewritten, everything else passes through
     (any other attribute is the underlying connection's). `last_stats`: the CallStats of the
-    latest query; `last_fallback`: why it ran per chunk instead (None if rewritten)."""
+    latest query; `last_fallback`: why it ran per chunk instead (None if rewritten).
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, config: Config):
+    Table names resolve as in DuckDB: catalog tables first, then DataFrames / Arrow tables
+    in the caller's scope (DuckDB's replacement scans, looked up in the frame that called
+    `sql()` / `execute()`)."""
+
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, config: Config, runtime: LLMRuntime | None = None
+    ):
         self.con = con
         self.config = config
-        self.runtime = register(con, config)
+        self.runtime = runtime or register(con, config)
         self.last_fallback: str | None = None
         self._names = itertools.count(1)
-        # answer tables of recent queries; a lazy relation may still read them
-        self._tables: collections.deque[list[str]] = collections.deque()
+        # the caller's (globals, locals) and this query's answer tables, for replacement
+        # scans; a relation binds the tables it reads, so they live as long as it does
+        self._scope: tuple[dict, dict] = ({}, {})
+        self._answers: dict[str, pa.Table] = {}
 
     @property
     def last_stats(self) -> list[CallStats]:
@@ -116,30 +126,36 @@ class Connection:
 
     def sql(self, query: str, params=None) -> duckdb.DuckDBPyRelation:
         """Run `query`, answering its LLM calls first; returns a DuckDB relation."""
-        if not _LLM_CALL.search(query):
-            return self.con.sql(query, params=params)
-        final, rewrite = self._prepare(query, has_params=params is not None)
-        return self._bind(lambda: self.con.sql(final, params=params), rewrite)
+        return self._query("sql", query, params, _caller_scope())
 
     def execute(self, query: str, parameters=None) -> Connection:
         """Like duckdb's execute(); fetch with fetchall() / df() / arrow() on the result."""
-        if not _LLM_CALL.search(query):
-            self.con.execute(query, parameters)
-            return self
-        final, rewrite = self._prepare(query, has_params=parameters is not None)
-        self._bind(lambda: self.con.execute(final, parameters), rewrite)
+        self._query("execute", query, parameters, _caller_scope())
         return self
+
+    def query(self, query: str, params=None) -> duckdb.DuckDBPyRelation:
+        """DuckDB's alias of `sql()`."""
+        return self._query("sql", query, params, _caller_scope())
+
+    def cursor(self) -> Connection:
+        """A new llmudf connection to the same database (for another thread), as DuckDB's
+        `cursor()`. The functions are registered once per database, so a cursor shares this
+        connection's config, result cache and `last_stats`."""
+        return Connection(self.con.cursor(), self.config, self.runtime)
 
     def explain_llm(self, query: str) -> LLMExplain:
         """What the whole-query path would do, without running the LLM (see LLMExplain)."""
         rewrite = QueryRewrite(query, "duckdb")
         sites = []
         tokenize, render = _tokenizer(self.config)
-        self._tables.append([])
+        self._scope, self._answers = _caller_scope(), {}
 
         def plan_only(site, args: pa.Table) -> str:
             instruction, fields = site.inputs(args)
-            text = instruction if isinstance(instruction, str) else str(instruction[0])
+            if isinstance(instruction, str):
+                text = instruction
+            else:
+                text = next((str(i) for i in instruction if i is not None), "")
             options = PlanOptions(
                 dedup=self.config.dedup,
                 reorder_fields=self.config.reorder_fields,
@@ -154,7 +170,10 @@ class Connection:
             nulls = pa.nulls(args.num_rows, site.spec.function.arrow_type)
             return self._register_answers(site, args, nulls)
 
-        final = rewrite.run(self._run_sql, plan_only, assume_pass=True)
+        try:
+            final = rewrite.run(self._run_sql, plan_only, assume_pass=True)
+        finally:
+            self._scope, self._answers = ({}, {}), {}
         return LLMExplain(final, tuple(sites))
 
     def close(self) -> None:
@@ -171,33 +190,73 @@ class Connection:
 
     # ---- the whole-query path --------------------------------------------------------------
 
-    def _prepare(self, query: str, has_params: bool) -> tuple[str, QueryRewrite | None]:
+    def _query(self, method: str, query: str, params, scope: tuple[dict, dict]):
         self.runtime.stats.clear()
-        self._tables.append([])
-        while len(self._tables) > KEEP_ANSWER_TABLES:
-            for name in reversed(self._tables.popleft()):  # a JSON view before its table
-                self.con.execute(f"DROP VIEW IF EXISTS {name}")
+        self.last_fallback = None
+        self._scope, self._answers = scope, {}
         try:
-            rewrite = QueryRewrite(query, "duckdb")
+            if not _LLM_CALL.search(query):
+                return self._duck(method, query, params)
+            statements = _split_statements(query)
+            if len(statements) > 1 and params is None:
+                for statement in statements[:-1]:
+                    self._statement("execute", statement, None)
+                    self.con.complete()  # run it to its end, as DuckDB does
+                return self._statement(method, statements[-1], None)
+            return self._statement(method, query, params)
+        finally:
+            self._scope, self._answers = ({}, {}), {}
+
+    def _statement(self, method: str, query: str, params):
+        """One statement: rewritten when the rewrite covers it, else per chunk."""
+        try:
+            rewrite = QueryRewrite(query, "duckdb", params=params)
         except UnsupportedQuery as exc:
-            self.last_fallback = str(exc)
-            return query, None
+            return self._per_chunk(method, query, params, exc)
         if not rewrite.sites:
-            self.last_fallback = None
-            return query, None
-        if not self.config.rewrite or has_params:
-            self.last_fallback = "rewrite off" if not self.config.rewrite else "query parameters"
-            return rewrite.udf_sql(), rewrite
+            return self._duck(method, query, params)
+        if not self.config.rewrite:
+            return self._per_chunk(method, query, params, "rewrite off")
         try:
             final = rewrite.run(self._run_sql, self._answer)
-            self.last_fallback = None
-            return final, rewrite
+            return self._duck(method, final, None)
         except (UnsupportedQuery, duckdb.Error) as exc:
-            self.last_fallback = f"{type(exc).__name__}: {exc}"
-            return QueryRewrite(query, "duckdb").udf_sql(), rewrite
+            # the rewrite's own SQL failed, or the user's query is wrong: the per-chunk path
+            # tells them apart (it raises the user's error, naming the call site)
+            return self._per_chunk(method, query, params, exc)
+
+    def _per_chunk(self, method: str, query: str, params, reason):
+        if isinstance(reason, Exception):
+            reason = f"{type(reason).__name__}: {reason}"
+        self.last_fallback = reason
+        try:
+            rewrite = QueryRewrite(query, "duckdb")  # canonical calls: fields named
+        except UnsupportedQuery:
+            return self._duck(method, query, params)
+        try:
+            return self._duck(method, rewrite.udf_sql(), params)
+        except duckdb.BinderException as exc:
+            message = str(exc)
+            for site in rewrite.sites:
+                columns = {c.name for key in site.keys for c in key.find_all(exp.Column)}
+                if any(f'"{c}"' in message for c in columns):
+                    raise LLMCallError(f"{site.label}: {message}") from exc
+            raise
+
+    def _duck(self, method: str, query: str, params):
+        """`con.sql` / `con.execute`, called from a frame whose locals are the caller's plus
+        this query's answer tables: DuckDB's replacement scans look names up there."""
+        globals_, locals_ = self._scope
+        namespace = {**locals_, **self._answers, "__llmudf_con": self.con}
+        namespace["__llmudf_args"] = (query, params)
+        call = {
+            "sql": "__llmudf_con.sql(__llmudf_args[0], params=__llmudf_args[1])",
+            "execute": "__llmudf_con.execute(*__llmudf_args)",
+        }[method]
+        return eval(call, globals_, namespace)  # noqa: S307 - a fixed expression
 
     def _run_sql(self, sql: str) -> pa.Table:
-        return self.con.sql(sql).to_arrow_table()
+        return self._duck("sql", sql, None).to_arrow_table()
 
     def _answer(self, site, args: pa.Table) -> str:
         instruction, fields = site.inputs(args)
@@ -205,34 +264,14 @@ class Connection:
         return self._register_answers(site, args, answers)
 
     def _register_answers(self, site, args: pa.Table, answers: pa.Array) -> str:
+        if site.spec.function.sql_type == "JSON":  # DuckDB reads Arrow's JSON type as JSON
+            answers = pa.ExtensionArray.from_storage(pa.json_(), answers)
         table = args.append_column(ANSWER, answers).append_column(
             FOUND, pa.array([True] * args.num_rows, pa.bool_())
         )
         name = f"__llm_answers_{next(self._names)}"
-        if site.spec.function.sql_type == "JSON":
-            self.con.register(f"{name}_raw", table)
-            self._tables[-1].append(f"{name}_raw")
-            self.con.execute(
-                f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * REPLACE "
-                f"(CAST({ANSWER} AS JSON) AS {ANSWER}) FROM {name}_raw"
-            )
-            self._tables[-1].append(name)
-        else:
-            self.con.register(name, table)
-            self._tables[-1].append(name)
+        self._answers[name] = table
         return name
-
-    def _bind(self, run, rewrite: QueryRewrite | None):
-        """Run the final query; a binder error about a call's column names that call."""
-        try:
-            return run()
-        except duckdb.BinderException as exc:
-            message = str(exc)
-            for site in rewrite.sites if rewrite else []:
-                columns = {c.name for key in site.keys for c in key.find_all(exp.Column)}
-                if any(f'"{c}"' in message for c in columns):
-                    raise LLMCallError(f"{site.label}: {message}") from exc
-            raise
 
 
 def _make_udf(runtime: LLMRuntime, name: str):
@@ -249,8 +288,12 @@ def _make_udf(runtime: LLMRuntime, name: str):
         options = {}
         if len(rest) >= 2 and pa.types.is_struct(rest[-1].type):
             keys = [f.name for f in rest[-1].type]
-            if is_options(keys):
-                options = rest.pop()[0].as_py()
+            columns = dict(zip(keys, (c.to_pylist() for c in rest[-1].flatten()), strict=True))
+            # a constant here: the same value on every row of the chunk
+            constants = {k: c[0] for k, c in columns.items() if len(set(map(repr, c))) == 1}
+            if is_options(keys, constants, site, from_rows=True):
+                options = constants
+                rest.pop()
         spec = bind_call(name, const, options, site)
         instruction = args[0].to_pylist()
         if len(set(instruction)) == 1 and instruction[0] is not None:
@@ -261,6 +304,24 @@ def _make_udf(runtime: LLMRuntime, name: str):
         return answers
 
     return udf
+
+
+def _caller_scope() -> tuple[dict, dict]:
+    """(globals, locals) of the nearest frame outside llmudf: where the user's DataFrames are."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "llmudf":
+        frame = frame.f_back
+    if frame is None:
+        return {}, {}
+    return frame.f_globals, dict(frame.f_locals)
+
+
+def _split_statements(query: str) -> list[str]:
+    """The statements of a query string, split by DuckDB's own parser."""
+    try:
+        return [s.query for s in duckdb.extract_statements(query)]
+    except duckdb.Error:
+        return [query]  # DuckDB will name the syntax error when it runs
 
 
 def _fields_table(args: list[pa.Array], num_rows: int) -> pa.Table:

@@ -289,8 +289,13 @@ def _batch_udf(name: str, config: Config):
         if hasattr(const, "tolist"):
             const = const.tolist()
         call_options = {}
-        if len(rest) >= 2 and isinstance(rest[-1], pd.DataFrame) and is_options(list(rest[-1])):
-            call_options = rest.pop().iloc[0].to_dict()
+        if len(rest) >= 2 and isinstance(rest[-1], pd.DataFrame) and len(rest[-1]):
+            columns = {str(k): pa.Array.from_pandas(c).to_pylist() for k, c in rest[-1].items()}
+            # a constant here: the same value on every row of the batch
+            constants = {k: c[0] for k, c in columns.items() if len(set(map(repr, c))) == 1}
+            if is_options(list(columns), constants, f"{name} (per batch)", from_rows=True):
+                call_options = constants
+                rest.pop()
         spec = bind_call(name, const, call_options, f"{name} (per batch)")
         instruction = pa.Array.from_pandas(args[0]).to_pylist()  # NULL: None, never NaN
         if all(i is None for i in instruction):  # NULL answers; no engine server is needed

@@ -13,8 +13,9 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,6 +31,7 @@ from llmudf.prompt import ChatPrompt
 
 Prompt = str | ChatPrompt | Sequence[int]
 StreamCallback = Callable[[str, int], None]  # (request_id, new token id)
+OutputCallback = Callable[[int, Output], None]  # (prompt index, its Output)
 
 
 @dataclass(slots=True)
@@ -130,7 +132,8 @@ class Engine:
     ) -> str:
         """Queues one request and returns its id; `stream(request_id, token_id)` is called for
         each generated token. Raises ValueError for an empty or too long prompt."""
-        return self._add(self._encode([prompt])[0], params or SamplingParams(), request_id, stream)
+        params = self._fit_max_tokens(params or SamplingParams())
+        return self._add(self._encode([prompt])[0], params, request_id, stream)
 
     def step(self) -> list[Output]:
         """Runs one scheduling step; returns the requests that finished in it."""
@@ -167,6 +170,7 @@ class Engine:
         prompts,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         progress: bool | Callable[[int, int], None] | None = None,
+        on_output: OutputCallback | None = None,
     ) -> list[Output]:
         """Answers every prompt; outputs come back in input order.
 
@@ -174,7 +178,10 @@ class Engine:
         template is applied), or token-id lists; or a pyarrow Table with a `prompt` column
         (templated text) or a `user` column (+ optional `system`). params: one SamplingParams
         for all, or one per prompt. progress: True for a tqdm bar, or a callable
-        `(num_done, num_total)`.
+        `(num_done, num_total)`. on_output: called `(prompt index, Output)` as each prompt is
+        answered, before `progress` hears of it. If anything raises meanwhile (a callback, the
+        model, KeyboardInterrupt), the unfinished requests are aborted and their KV freed, so
+        the engine is idle again; the exception propagates unchanged.
 
         >>> engine.generate(["<|im_start|>user\\nHi<|im_end|>\\n"],       # doctest: +SKIP
         ...                 SamplingParams(max_tokens=4))[0].finish_reason
@@ -194,16 +201,28 @@ class Engine:
                 raise ValueError(
                     f"got {len(params_list)} SamplingParams for {len(token_lists)} prompts"
                 )
-        for i, (ids, p) in enumerate(zip(token_lists, params_list, strict=True)):
-            self._check_length(ids, p, i)  # fail before anything is queued
-        ids = [self._add(t, p, None, None) for t, p in zip(token_lists, params_list, strict=True)]
+        distinct = list(dict.fromkeys(params_list))  # one warning per distinct params
+        fitted = dict(zip(distinct, map(self._fit_max_tokens, distinct), strict=True))
+        params_list = [fitted[p] for p in params_list]
+        for i, (tokens, p) in enumerate(zip(token_lists, params_list, strict=True)):
+            self._check_length(tokens, p, i)  # fail before anything is queued
+        ids: list[str] = []
         done: dict[str, Output] = {}
-        report = _progress_reporter(progress, len(ids))
-        while self.num_unfinished:
-            for out in self.step():
-                done[out.request_id] = out
-            report(len(done))
-        report(None)
+        report = _progress_reporter(progress, len(token_lists))
+        try:
+            for t, p in zip(token_lists, params_list, strict=True):
+                ids.append(self._add(t, p, None, None))
+            index = {request_id: i for i, request_id in enumerate(ids)}
+            while self.num_unfinished:
+                for out in self.step():
+                    done[out.request_id] = out
+                    if on_output is not None:
+                        on_output(index[out.request_id], out)
+                report(len(done))
+        finally:
+            for request_id in ids:  # a no-op for the finished ones
+                self.abort(request_id)
+            report(None)
         return [done[i] for i in ids]
 
     def reset_stats(self) -> None:
@@ -214,25 +233,43 @@ class Engine:
     def _model_max_len(self) -> int:
         return self.config.max_model_len or self.model_config.max_position_embeddings
 
+    def _fit_max_tokens(self, params: SamplingParams) -> SamplingParams:
+        # generation stops when the context is full anyway; an unreachable max_tokens is most
+        # likely a typo or a unit mix-up, so say so instead of silently running to the end
+        if params.max_tokens <= self.max_len:
+            return params
+        warnings.warn(
+            f"max_tokens={params.max_tokens} is more than the model's context of "
+            f"{self.max_len} tokens; capped at {self.max_len}",
+            stacklevel=3,
+        )
+        return replace(params, max_tokens=self.max_len)
+
     def _encode(self, prompts: list) -> list[list[int]]:
+        """Token ids of each prompt. A ChatPrompt goes through `Tokenizer.encode_chat`, so
+        special-token text in its content (row data, instruction, system prompt) stays plain
+        text; a str is already templated text, and its special-token text is matched as is."""
         out: list[list[int] | None] = [None] * len(prompts)
-        texts, where = [], []
+        chats: dict[int, list[dict]] = {}
+        texts: dict[int, str] = {}
         for i, p in enumerate(prompts):
             if isinstance(p, ChatPrompt):
-                texts.append(self.tokenizer.apply_chat_template(p.messages()))
-                where.append(i)
+                chats[i] = p.messages()
             elif isinstance(p, str):
                 if not p:
                     raise ValueError(f"prompt {i} is empty")
-                texts.append(p)
-                where.append(i)
+                texts[i] = p
             elif isinstance(p, Sequence | torch.Tensor) and not isinstance(p, bytes):
                 out[i] = self._check_token_ids(list(p), i)
             else:
                 raise TypeError(
                     f"prompt {i} is a {type(p).__name__}; expected str, ChatPrompt or token ids"
                 )
-        for i, ids in zip(where, self.tokenizer.encode_batch(texts), strict=True):
+        encoded = [
+            *zip(chats, self.tokenizer.encode_chat_batch(list(chats.values())), strict=True),
+            *zip(texts, self.tokenizer.encode_batch(list(texts.values())), strict=True),
+        ]
+        for i, ids in encoded:
             if not ids:
                 raise ValueError(f"prompt {i} is empty after tokenization")
             out[i] = ids

@@ -143,7 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
         tokenizer = getattr(self.service.engine, "tokenizer", None)
         if tokenizer is None:
             raise ServiceUnavailable("the engine is still loading")
-        return tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in texts])
+        # token ids, so that special-token text in the messages stays plain text
+        try:
+            return tokenizer.encode_chat([{"role": r, "content": t} for r, t in texts])
+        except ValueError as exc:
+            raise HTTPError(400, str(exc), "messages") from exc
 
     def _params(self, body: dict):
         from llmudf.engine.sampling import SamplingParams

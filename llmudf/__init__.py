@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it; resolved lazily by __getattr__
 _LAZY = {
     "connect": "llmudf.connectors.duckdb",
+    "Connection": "llmudf.connectors.duckdb",
     "register": "llmudf.connectors.duckdb",
     "Config": "llmudf.config",
     "LLMCallError": "llmudf.functions",
@@ -27,13 +28,16 @@ _LAZY = {
     "EngineConfig": "llmudf.engine.config",
     "SamplingParams": "llmudf.engine.sampling",
 }
+_SUBMODULES = ("datasets",)  # `llmudf.datasets.movies(con)` without importing it first
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return import_module(f"llmudf.{name}")
     raise AttributeError(f"module 'llmudf' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_LAZY])
+    return sorted([*globals(), *_LAZY, *_SUBMODULES])

@@ -1,8 +1,11 @@
 """Engine clients: "something that answers prompts", behind one small interface.
 
 `EngineClient.generate(prompts, params, progress=None) -> list[Output]` answers a batch of
-`ChatPrompt`s (in order); `progress(n)` is called as n more answers finish. `model_id`
-names the model in result-cache keys, so every client of the same model shares answers.
+`ChatPrompt`s (in order); `progress(n)` is called as n more answers finish. A client may also
+take `on_output(index, output)`, called as each prompt is answered, so that a batch that
+fails or is interrupted half-way still hands over the answers it has (`generate_partial`
+passes it to clients that take it). `model_id` names the model in result-cache keys, so
+every client of the same model shares answers.
 `InProcessClient` runs an `Engine` in this process, built on first use and shared by every
 client of the same model config; `get_client(config)` picks the client for a Config's
 `backend`: in-process, an engine server over Arrow Flight (`FlightEngineClient`), or an
@@ -15,16 +18,21 @@ OpenAI-compatible endpoint (`OpenAIClient`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from llmudf.config import Config
 from llmudf.paths import weights_id
 from llmudf.prompt import ChatPrompt
 
+if TYPE_CHECKING:
+    from llmudf.engine.request import Output
+
 Progress = Callable[[int], None]
+OnOutput = Callable[[int, "Output"], None]  # (prompt index, its Output)
 
 
 @runtime_checkable
@@ -33,6 +41,24 @@ class EngineClient(Protocol):
     def model_id(self) -> str: ...
 
     def generate(self, prompts: list[ChatPrompt], params, progress: Progress | None = None): ...
+
+
+def generate_partial(
+    client: EngineClient,
+    prompts: list[ChatPrompt],
+    params,
+    progress: Progress | None = None,
+    on_output: OnOutput | None = None,
+) -> list[Output]:
+    """`client.generate`, also passing `on_output` if the client takes it (it is optional in
+    the interface: a client without it reports nothing until the whole batch is done).
+
+    >>> done = {}  # prompt index -> Output, kept if the batch is interrupted
+    >>> generate_partial(client, prompts, params, on_output=done.__setitem__)  # doctest: +SKIP
+    """
+    if on_output is not None and _takes(client.generate, "on_output"):
+        return client.generate(prompts, params, progress=progress, on_output=on_output)
+    return client.generate(prompts, params, progress=progress)
 
 
 class InProcessClient:
@@ -68,12 +94,18 @@ class InProcessClient:
 
         return Tokenizer.from_dir(resolve_model_dir(self.model))
 
-    def generate(self, prompts: list[ChatPrompt], params, progress: Progress | None = None):
+    def generate(
+        self,
+        prompts: list[ChatPrompt],
+        params,
+        progress: Progress | None = None,
+        on_output: OnOutput | None = None,
+    ):
         with self._lock:
             engine = self.engine
             if not prompts:
                 return []
-            return engine.generate(list(prompts), params, progress=progress)
+            return engine.generate(list(prompts), params, progress=progress, on_output=on_output)
 
 
 _CLIENTS: dict[str, EngineClient] = {}
@@ -97,6 +129,11 @@ def get_client(config: Config) -> EngineClient:
         if client is None:
             client = _CLIENTS[key] = _new_client(config)
         return client
+
+
+def _takes(function: Callable, name: str) -> bool:
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _new_client(config: Config) -> EngineClient:

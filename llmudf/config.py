@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
 from pathlib import Path
 
 OPTION_KEYS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed")
@@ -61,16 +64,34 @@ class Config:
 
     def __post_init__(self):
         self._check_backend()
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        self._check_decoding()
         if not isinstance(self.engine, dict):
             raise TypeError(f"engine must be a dict of EngineConfig fields, got {self.engine!r}")
+
+    def _check_decoding(self) -> None:
+        """Check model and the decoding defaults, and store them as int / float: SQL hands
+        over DECIMAL numbers (`0.5`, or an integer past BIGINT) and ints for floats."""
+        if self.model is not None and not isinstance(self.model, str | os.PathLike):
+            raise ValueError(
+                f"model must be a model folder, a .gguf file or a model name, got {self.model!r}"
+            )
+        max_tokens, top_k = _as_int(self.max_tokens), _as_int(self.top_k)
+        temperature, top_p = _as_float(self.temperature), _as_float(self.top_p)
+        seed = None if self.seed is None else _as_int(self.seed)
+        if max_tokens is None or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if temperature is None or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if top_p is None or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if top_k is None or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (seed is None or not 0 <= seed <= _MAX_SEED):
+            raise ValueError(
+                f"seed must be an integer in [0, 2**64 - 1] or None, got {self.seed!r}"
+            )
+        self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
+        self.top_k, self.seed = top_k, seed
 
     def _check_backend(self) -> None:
         if self.backend not in BACKENDS:
@@ -111,3 +132,22 @@ class Config:
         if unknown:
             raise ValueError(f"unknown call option(s) {unknown}; known: {list(OPTION_KEYS)}")
         return replace(self, **options) if options else self
+
+
+_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes any unsigned 64-bit int
+
+
+def _as_int(value) -> int | None:
+    """`value` as an int if it is an integer (not a bool; a DECIMAL without a fraction part:
+    DuckDB passes integer literals past BIGINT so), else None."""
+    if isinstance(value, Decimal):
+        return int(value) if value.is_finite() and value.as_tuple().exponent >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _as_float(value) -> float | None:
+    """`value` as a float if it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None

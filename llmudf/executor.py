@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from llmudf.cache import ResultCache, cache_key
-from llmudf.client import EngineClient
+from llmudf.client import EngineClient, generate_partial
 from llmudf.config import Config
 from llmudf.functions import CallSpec, LLMCallError, bind_call
 from llmudf.optimizer.plan import PlanOptions, plan_call
@@ -104,7 +104,10 @@ def run_call(
 
 
 def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
-    """The answer text of each prompt: from the cache, else from one engine batch."""
+    """The answer text of each prompt: from the cache, else from one engine batch. If the
+    batch fails or is interrupted, the answers it finished first go into the cache (so a
+    re-run sends only the rest) and the exception propagates: KeyboardInterrupt as itself,
+    any other error as an LLMCallError."""
     keys = []
     if cache is not None:
         model_id = client.model_id  # stats the weight files: once per batch
@@ -117,14 +120,24 @@ def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
     if not todo:
         return texts
     params = _sampling_params(decoding)
+    finished = {}  # position in todo -> Output, as they come
     with BatchProgress(
         stats.site, stats.num_rows, len(prompts), stats.num_cache_hits, config.progress
     ) as bar:
         try:
-            outputs = client.generate([prompts[i] for i in todo], params, progress=bar.advance)
-        except LLMCallError:
-            raise
-        except Exception as exc:  # model load, prompt over the context length, dead server
+            outputs = generate_partial(
+                client,
+                [prompts[i] for i in todo],
+                params,
+                progress=bar.advance,
+                on_output=finished.__setitem__,
+            )
+        except BaseException as exc:
+            if cache is not None:
+                cache.put_many({keys[todo[j]]: out.text for j, out in finished.items()})
+            if isinstance(exc, LLMCallError) or not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: as they are
+            # model load, prompt over the context length, dead server
             raise LLMCallError(f"{stats.site}: {type(exc).__name__}: {exc}") from exc
         for out in outputs:
             stats.num_prompt_tokens += out.num_prompt_tokens

@@ -2,7 +2,8 @@
 
 Each is `name(instruction, [constant,] field, ..., [options])`: llm_choice takes a list of
 choices and llm_json a JSON schema before the fields; a trailing struct literal whose keys
-are all call options (`{'max_tokens': 8, 'temperature': 0}`) sets decoding for that call.
+are all call options (`{'max_tokens': 8, 'temperature': 0}`) sets decoding for that call
+(`is_options` decides, and names a misspelt or misplaced option).
 A `FunctionSpec` says what a function returns; a `CallSpec` is one bound call site: the
 function, its constant argument and options. It builds the decoding parameters and parses
 an answer text into the SQL value.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -118,11 +120,17 @@ def bind_call(name: str, const=None, options: dict | None = None, site: str = ""
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
-        raise LLMCallError(f"{site}: unknown option(s) {unknown}; known: {list(OPTION_KEYS)}")
+        hints = "".join(_did_you_mean(k) for k in unknown)
+        raise LLMCallError(
+            f"{site}: unknown option(s) {unknown}; known: {list(OPTION_KEYS)}{hints}"
+        )
+    if "model" in options and options["model"] is None:
+        raise LLMCallError(f"{site}: bad option: model must be a model path or name, got None")
     try:
-        Config().with_options({k: v for k, v in options.items() if k != "model"})
+        checked = Config().with_options(options)
     except (ValueError, TypeError) as exc:
         raise LLMCallError(f"{site}: bad option: {exc}") from exc
+    options = {k: getattr(checked, k) for k in options}  # 0.5, not Decimal('0.5')
     choices = schema = None
     if function.const_arg == "choices":
         choices = _check_choices(const, site)
@@ -131,10 +139,54 @@ def bind_call(name: str, const=None, options: dict | None = None, site: str = ""
     return CallSpec(function, choices, schema, tuple(sorted(options.items())), site)
 
 
-def is_options(keys) -> bool:
-    """A trailing struct is call options when every key is an option name."""
+def is_options(
+    keys: Iterable[str], constants: Mapping[str, object], site: str, from_rows: bool = False
+) -> bool:
+    """Whether a call's last argument, a struct after at least one field, is its options
+    (True) or a field struct (False); LLMCallError naming `site` when it looks like a
+    misspelt or misplaced option. `constants`: the keys whose value is a constant, with that
+    value.
+
+    Options: every key is an option name, every value a constant. An error: a key that is an
+    option name, or a near miss of one (`max_token`, `Seed`; see `_near_options`), holds a
+    constant in a struct that is not all options. Anything else is a field struct, so
+    `{'speed': speed}` and `{'make': make, 'model': model}` (columns) stay fields.
+    `from_rows`: `constants` were read off the values (a per-chunk UDF: the same value on
+    every row). A column can hold one value in a chunk (always, in a chunk of one row), so
+    there a near miss or a mix is read as fields, never an error that depends on the data.
+
+    >>> is_options(["max_tokens", "seed"], {"max_tokens": 8, "seed": 1}, "llm #1 in SELECT")
+    True
+    >>> is_options(["title", "speed"], {}, "llm #1 in SELECT")
+    False
+    """
     keys = list(keys)
-    return bool(keys) and all(k in OPTION_KEYS for k in keys)
+    named = [k for k in keys if k in OPTION_KEYS]
+    if named and len(named) == len(keys):
+        varying = [k for k in keys if k not in constants]
+        if varying:
+            raise LLMCallError(
+                f"{site}: call options must be constants, not {varying}; to pass a column "
+                "of that name as a field, pass the column itself or rename the key"
+            )
+        return True
+    if from_rows:
+        return False
+    for key in keys:
+        if key in constants and key not in OPTION_KEYS and _near_options(key):
+            raise LLMCallError(
+                f"{site}: unknown option {key!r}{_did_you_mean(key)} (a constant field of "
+                "that name: put its struct before the other fields)"
+            )
+    mixed = [k for k in named if k in constants]
+    if mixed:
+        others = [k for k in keys if k not in OPTION_KEYS]
+        raise LLMCallError(
+            f"{site}: the last struct mixes call option(s) {mixed} with other keys {others}; "
+            "pass the options in a struct of their own after the fields, e.g. "
+            "{'max_tokens': 8}"
+        )
+    return False
 
 
 def parse_json_answer(text: str, schema: dict):
@@ -193,14 +245,32 @@ def _closest_choice(text: str, choices) -> str:
     return choices[0] if not clean else min(choices, key=lambda c: _edit_distance(c, clean))
 
 
+def _near_options(key: str) -> list[str]:
+    """The option names closest to `key` (a near miss: not equal, and at most 2 edits away
+    from a name of 6+ characters, 1 from a shorter one; case does not count)."""
+    distances = {name: _edit_distance(key, name) for name in OPTION_KEYS if name != key}
+    near = {name: d for name, d in distances.items() if d <= (2 if len(name) >= 6 else 1)}
+    return [name for name, d in near.items() if d == min(near.values())]
+
+
+def _did_you_mean(key: str) -> str:
+    names = _near_options(key)
+    return f"; did you mean {' or '.join(map(repr, names))}?" if names else ""
+
+
 def _edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a.lower(), 1):
-        cur = [i]
+    """Case-blind Damerau-Levenshtein distance (optimal string alignment: a swap of two
+    neighbouring characters is one edit)."""
+    a, b = a.lower(), b.lower()
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, 1):
+        row = [i]
         for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def _check_choices(const, site: str) -> tuple[str, ...]:

@@ -135,15 +135,22 @@ def parse_call(node: exp.Anonymous, index: int) -> CallSite:
             ) from None
     rest = args[num_before:]
     options = {}
-    if len(rest) >= 2 and _struct_keys(rest[-1]) and is_options(_struct_keys(rest[-1])):
-        try:
-            options = {k: literal_value(v) for k, v in _struct_items(rest.pop())}
-        except NotLiteral:
-            raise LLMCallError(f"{site}: call options must be constants") from None
+    if len(rest) >= 2 and _struct_keys(rest[-1]):
+        constants = {}
+        for key, value in _struct_items(rest[-1]):
+            try:
+                constants[key] = literal_value(value)
+            except NotLiteral:
+                continue  # an expression over the rows: not a constant
+        if is_options(_struct_keys(rest[-1]), constants, site):
+            options = constants
+            rest.pop()
     spec = bind_call(name, const, options, site)
     try:
         instruction = literal_value(args[0])
-        if not isinstance(instruction, str):
+        if instruction is None:  # a NULL instruction: NULL answers, as for a NULL column
+            instruction = args[0]
+        elif not isinstance(instruction, str):
             raise LLMCallError(f"{site}: the instruction must be a string, got {args[0].sql()}")
     except NotLiteral:
         instruction = args[0]

@@ -46,7 +46,9 @@ Answer = Callable[[CallSite, pa.Table], str]
 class QueryRewrite:
     """One query's LLM call sites, and the driver that answers them stage by stage."""
 
-    def __init__(self, sql: str, dialect: str = "duckdb"):
+    def __init__(self, sql: str, dialect: str = "duckdb", params=None):
+        """`params`: the query's parameter values (a sequence for `?` / `$1`, a mapping for
+        `$name`), put into the query as literals so every stage can run it."""
         self.dialect = dialect
         try:
             statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
@@ -55,6 +57,8 @@ class QueryRewrite:
         if len(statements) != 1:
             raise UnsupportedQuery("only a single statement is rewritten")
         self.tree = statements[0]
+        if params is not None:
+            _inline_params(self.tree, params)
         self.sites = find_call_sites(self.tree)
         self._site_of = {id(s.node): s for s in self.sites}
 
@@ -65,8 +69,17 @@ class QueryRewrite:
     def run(self, run_sql: RunSql, answer: Answer, assume_pass: bool = False) -> str:
         """Answer every call site; return the final SQL. `assume_pass`: for EXPLAIN, later
         stages see every row an LLM filter would judge (no LLM answers are needed)."""
-        if not isinstance(self.tree, exp.Query):
+        query = self.tree
+        if isinstance(query, exp.Insert) or (
+            isinstance(query, exp.Create) and query.args.get("kind") == "TABLE"
+        ):  # INSERT ... SELECT, CTAS (a view must not hold this query's answer tables)
+            query = query.expression
+        if isinstance(self.tree, exp.Create) and self.tree.args.get("kind") == "VIEW":
+            raise UnsupportedQuery("CREATE VIEW: a view keeps its calls, answered when read")
+        if not isinstance(query, exp.Query):
             raise UnsupportedQuery(f"not a query: {self.tree.key.upper()}")
+        if self.tree.find(exp.Placeholder, exp.Parameter):
+            raise UnsupportedQuery("query parameters without values")
         if any(w.args.get("recursive") for w in self.tree.find_all(exp.With)):
             raise UnsupportedQuery("recursive CTEs are not rewritten")
         for site in self.sites:
@@ -75,6 +88,7 @@ class QueryRewrite:
                     f"{site.label}: an argument is an aggregate (or a grouped LLM answer)"
                 )
         self._run_sql, self._answer, self._assume_pass = run_sql, answer, assume_pass
+        self._answered: dict[int, dict[str, tuple[exp.Expression, CallSite]]] = {}
         for scope in _selects_post_order(self.tree):
             if self._direct_calls(scope, scope):
                 self._answer_scope(scope)
@@ -83,12 +97,19 @@ class QueryRewrite:
     # ---- one SELECT scope ----------------------------------------------------------------
 
     def _answer_scope(self, scope: exp.Select) -> None:
-        if scope.args.get("from_") is None:
-            raise UnsupportedQuery("an LLM call in a SELECT without FROM")
+        if scope.args.get("from_") is None:  # SELECT without FROM: over one row
+            one = exp.select(exp.alias_(exp.Literal.number(1), f"{KEY}_one"))
+            scope.set("from_", exp.From(this=one.subquery("__llm_one")))
         for node in self._direct_calls(scope, scope):
             clause = self._site(node).clause
             if clause in ("JOIN", "FROM", "LIMIT"):
                 raise UnsupportedQuery(f"an LLM call in {clause}")
+        outer = _outer_references(scope)
+        if outer:
+            raise UnsupportedQuery(
+                f"an LLM call in a correlated subquery (it reads {', '.join(sorted(outer))} "
+                "of the outer query)"
+            )
         _qualify_star(scope)
         conjuncts = _conjuncts(scope)
         done = [i for i, c in enumerate(conjuncts) if not self._direct_calls(scope, c)]
@@ -107,6 +128,16 @@ class QueryRewrite:
     def _answer_site(self, scope, site: CallSite, done: list[int], pushdown: bool) -> None:
         fresh = parse_call(site.node, site.index)  # inner calls are lookups by now
         site.instruction, site.fields = fresh.instruction, fresh.fields
+        call_sql = site.node.sql(self.dialect)
+        answered = self._answered.setdefault(id(scope), {})
+        if call_sql in answered:
+            # the same call on the same (or fewer) rows: one answer table, and one
+            # expression, so that GROUP BY <call> and SELECT <call> stay the same key
+            lookup, other = answered[call_sql]
+            site.num_rows, site.num_distinct, site.pushed = 0, 0, other.pushed
+            site.args_sql = other.args_sql
+            self._replace_call(scope, site, lookup.copy())
+            return
         rows = self._rows_query(scope, site.keys, done, pushdown)
         keys = [exp.alias_(exp.column(f"{KEY}{j}"), f"{KEY}{j}") for j in range(len(site.keys))]
         args_sql = exp.select(*keys, exp.alias_(exp.func("COUNT", exp.Star()), COUNT))
@@ -132,14 +163,45 @@ class QueryRewrite:
             # only rows under the LIMIT were answered: keep the answered rows (a superset of
             # the LIMIT's rows), so no row outside it reaches a per-chunk fallback
             scope.where(exp.column(FOUND, alias), copy=False)
-            site.node.replace(exp.column(ANSWER, alias))
-            return
-        found, answer = exp.column(FOUND, alias), exp.column(ANSWER, alias)
-        if _is_grouped(scope) and not _in_aggregate(site.node, scope):
-            # the call's arguments are group keys, so its answer is one per group
-            found, answer = exp.func("ANY_VALUE", found), exp.func("ANY_VALUE", answer)
-        lookup = exp.Case(ifs=[exp.If(this=found, true=answer)], default=site.node.copy())
+            lookup = exp.column(ANSWER, alias)
+        else:
+            found, answer = exp.column(FOUND, alias), exp.column(ANSWER, alias)
+            lookup = exp.Case(ifs=[exp.If(this=found, true=answer)], default=site.node.copy())
+        answered[call_sql] = (lookup.copy(), site)
+        self._replace_call(scope, site, lookup)
+
+    def _replace_call(self, scope: exp.Select, site: CallSite, lookup: exp.Expression) -> None:
+        """Put the answer lookup in place of the call. In an aggregating scope a call after
+        the GROUP BY (SELECT, HAVING, ORDER BY, QUALIFY) that is not a group key itself has
+        group keys as arguments, so its answer is one per group: ANY_VALUE of it."""
+        if _after_grouping(site.node, scope) and not self._is_group_key(site, scope):
+            lookup = exp.func("ANY_VALUE", lookup)
         site.node.replace(lookup)
+
+    def _is_group_key(self, site: CallSite, scope: exp.Select) -> bool:
+        """The call is (inside) a SELECT item that GROUP BY names by alias or position, or a
+        GROUP BY key is the same call (or its answer lookup)."""
+        group = scope.args.get("group")
+        if group is None:
+            return False
+        keys = _group_keys(group)
+        item = site.node
+        while item.parent is not scope:
+            item = item.parent
+        if item.arg_key == "expressions":
+            position = str(scope.expressions.index(item) + 1)
+            for key in keys:
+                if isinstance(key, exp.Column) and not key.table and key.name == item.alias:
+                    return True
+                if isinstance(key, exp.Literal) and not key.is_string and key.this == position:
+                    return True
+        call_sql = site.node.sql(self.dialect)
+        for key in keys:
+            if isinstance(key, exp.Case) and key.args.get("default") is not None:
+                key = key.args["default"]
+            if key.sql(self.dialect) == call_sql:
+                return True
+        return False
 
     def _rows_query(self, scope, keys, done: list[int], pushdown: bool) -> exp.Select:
         """SELECT <keys> FROM <scope's sources> WHERE <done conjuncts> [ORDER BY .. LIMIT ..]."""
@@ -241,12 +303,75 @@ def _over_aggregate(call: exp.Anonymous, scope: exp.Select | None) -> bool:
 
 
 def _in_aggregate(node: exp.Expression, scope: exp.Select) -> bool:
+    """Inside an aggregate's argument or its FILTER (WHERE ...): evaluated per row."""
     parent = node.parent
     while parent is not None and parent is not scope:
-        if isinstance(parent, exp.AggFunc):
+        if isinstance(parent, exp.AggFunc | exp.Filter):
             return True
         parent = parent.parent
     return False
+
+
+def _group_keys(group: exp.Group) -> list[exp.Expression]:
+    """The expressions of GROUP BY, through ROLLUP / CUBE / GROUPING SETS and tuples."""
+    keys = list(group.expressions)
+    for arg in ("rollup", "cube", "grouping_sets"):
+        for item in group.args.get(arg) or []:
+            keys += list(item.expressions) if item.expressions else [item]
+    flat = []
+    for key in keys:
+        if isinstance(key, exp.Paren):
+            flat += _group_keys(exp.Group(expressions=[key.this]))
+        elif isinstance(key, exp.Rollup | exp.Cube | exp.GroupingSets | exp.Tuple):
+            flat += _group_keys(exp.Group(expressions=list(key.expressions)))
+        else:
+            flat.append(key)
+    return flat
+
+
+def _after_grouping(node: exp.Expression, scope: exp.Select) -> bool:
+    """In an aggregating scope, evaluated once per group (not per row)."""
+    if not _is_grouped(scope) or _in_aggregate(node, scope):
+        return False
+    item = node
+    while item.parent is not scope:
+        item = item.parent
+    return item.arg_key in ("expressions", "having", "order", "qualify")
+
+
+def _inline_params(tree: exp.Expression, params) -> None:
+    """Replace `?`, `$1` and `$name` by the literal values of `params`."""
+    placeholders = list(tree.find_all(exp.Placeholder))
+    named = isinstance(params, dict)
+    values = params if named else list(params)
+    unnamed = [p for p in placeholders if p.this is None]
+    if unnamed and (named or len(unnamed) != len(values)):
+        raise UnsupportedQuery(f"{len(unnamed)} `?` parameter(s) for {len(values)} value(s)")
+    position = iter(range(len(unnamed)))
+    for node in placeholders:
+        if node.this is None:
+            value = values[next(position)]
+        elif named:
+            if str(node.this) not in values:
+                raise UnsupportedQuery(f"no value for parameter ${node.this}")
+            value = values[str(node.this)]
+        else:
+            index = int(node.this) - 1 if str(node.this).isdigit() else -1
+            if not 0 <= index < len(values):
+                raise UnsupportedQuery(f"no value for parameter ${node.this}")
+            value = values[index]
+        node.replace(_literal(value))
+
+
+def _literal(value) -> exp.Expression:
+    """A SQL literal of the type DuckDB gives the same Python value as a parameter."""
+    if value is None or isinstance(value, bool | str):
+        return exp.convert(value)
+    if isinstance(value, int):
+        return exp.cast(exp.convert(value), "BIGINT") if abs(value) >= 2**31 else exp.convert(value)
+    if isinstance(value, float):
+        return exp.cast(exp.Literal.string(repr(value)), "DOUBLE")
+    raise UnsupportedQuery(f"a query parameter of type {type(value).__name__}")
 
 
 def _selects_post_order(node: exp.Expression):
@@ -258,23 +383,35 @@ def _selects_post_order(node: exp.Expression):
         yield node
 
 
+def _outer_references(scope: exp.Select) -> set[str]:
+    """Tables of an outer query that the scope's own columns name (a correlated subquery)."""
+    sources = [scope.args["from_"].this, *[j.this for j in scope.args.get("joins") or []]]
+    names = {s.alias_or_name for s in sources}
+    tables = {c.table for c in scope.find_all(exp.Column) if c.table and _scope_of(c) is scope}
+    return tables - names
+
+
+def _scope_of(node: exp.Expression) -> exp.Select | None:
+    return node.find_ancestor(exp.Select)
+
+
 def _qualify_star(scope: exp.Select) -> None:
     """`SELECT *` would also return the answer columns: spell out each source's star."""
     stars = [e for e in scope.expressions if isinstance(e, exp.Star)]
     if not stars:
         return
     joins = scope.args.get("joins") or []
-    if any(s.args.get(k) for s in stars for k in ("except", "replace", "rename")):
-        raise UnsupportedQuery("SELECT * with EXCLUDE / REPLACE next to an LLM call")
+    modifiers = ("except_", "replace", "rename", "ilike")
+    if joins and any(s.args.get(k) for s in stars for k in modifiers):
+        raise UnsupportedQuery("SELECT * with EXCLUDE / REPLACE over a join next to an LLM call")
     if any(j.args.get("using") or j.args.get("kind") == "NATURAL" for j in joins):
         raise UnsupportedQuery("SELECT * over a USING / NATURAL join next to an LLM call")
     sources = [scope.args["from_"].this, *[j.this for j in joins]]
     expanded = []
     for e in scope.expressions:
-        if isinstance(e, exp.Star):
+        if isinstance(e, exp.Star):  # one source when there are modifiers: they move along
             expanded += [
-                exp.Column(this=exp.Star(), table=exp.to_identifier(s.alias_or_name))
-                for s in sources
+                exp.Column(this=e.copy(), table=exp.to_identifier(s.alias_or_name)) for s in sources
             ]
         else:
             expanded.append(e)

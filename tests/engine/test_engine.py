@@ -234,7 +234,8 @@ def test_bad_input_errors(tiny):
     out = engine.generate(["x" * 100], SamplingParams(max_tokens=4, truncate_left=True))[0]
     assert out.num_prompt_tokens == 60 and out.num_generated_tokens == 4
     trunc = make_engine(tiny, max_model_len=64, prompt_overflow="truncate_left")
-    out = trunc.generate(["y" * 100], SamplingParams(max_tokens=70))[0]
+    with pytest.warns(UserWarning, match="max_tokens=70 is more than the model's context"):
+        out = trunc.generate(["y" * 100], SamplingParams(max_tokens=70))[0]
     assert out.num_prompt_tokens == 1 and out.finish_reason == "length"
     assert out.num_prompt_tokens + out.num_generated_tokens == 64
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from llmudf.cache import ResultCache, cache_key
+from llmudf.cache import CacheWarning, ResultCache, cache_key
 from llmudf.prompt import ChatPrompt
 
 
@@ -28,7 +28,7 @@ def test_put_get_clear(tmp_path):
 
 def test_a_failed_batch_leaves_no_entry(tmp_path):
     cache = ResultCache(tmp_path)
-    with pytest.raises(Exception, match="NOT NULL"):
+    with pytest.warns(CacheWarning, match="NOT NULL"):
         cache.put_many({"a": "1", "b": None})  # the second entry fails mid-transaction
     assert cache.get_many(["a", "b"]) == {}
 
@@ -44,6 +44,22 @@ def test_entries_are_shared_across_processes(tmp_path):
     )
     assert out.stdout.strip() == "parent"
     assert ResultCache(tmp_path).get_many(["there"]) == {"there": "child"}
+
+
+def test_two_processes_writing_at_once_lose_no_batch(tmp_path):
+    ResultCache(tmp_path)  # both writers open an existing WAL file
+    code = (
+        "import sys; from llmudf.cache import ResultCache; c = ResultCache(sys.argv[1]); "
+        "[c.put_many({f'{sys.argv[2]}{b}-{i}': 'x' * 100 for i in range(50)}) for b in range(40)]"
+    )
+    writers = [
+        subprocess.Popen([sys.executable, "-W", "error", "-c", code, str(tmp_path), name])
+        for name in ("p", "q")
+    ]
+    assert [w.wait(timeout=60) for w in writers] == [0, 0]
+    cache = ResultCache(tmp_path)
+    assert len(cache) == 2 * 40 * 50
+    assert cache.get_many(["p39-49", "q0-0"]) == {"p39-49": "x" * 100, "q0-0": "x" * 100}
 
 
 def test_replacing_the_weights_at_the_same_path_changes_the_model_id(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 from llmudf.cache import ResultCache
 from llmudf.client import get_client
 from llmudf.executor import run_call
-from llmudf.functions import bind_call
+from llmudf.functions import LLMCallError, bind_call
 
 TITLES = [
     "a long title about a detective in a rainy city",
@@ -57,3 +57,94 @@ def test_per_row_instructions_and_null_instruction(tiny_config, fields):
     scores = result.answers.to_pylist()
     assert scores[4] is None and all(s in (1.0, 2.0, 3.0, 4.0, 5.0) for s in scores[:4])
     assert result.answers.type == pa.float64()
+
+
+class Interrupting:
+    """A client whose engine's progress callback raises `error` once `after` prompts are
+    answered, as Ctrl-C would; `num_answered` is how many were answered by then."""
+
+    def __init__(self, client, error: BaseException, after: int = 3):
+        self.client, self.error, self.after = client, error, after
+        self.num_answered = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.client.model_id
+
+    def generate(self, prompts, params, progress=None, on_output=None):
+        def interrupt(num_done, num_total):
+            if num_done >= self.after:
+                self.num_answered = num_done
+                raise self.error
+
+        return self.client.generate(prompts, params, progress=interrupt, on_output=on_output)
+
+
+class WithoutOnOutput:
+    """A client of the plain interface (no `on_output`), like a third-party one."""
+
+    def __init__(self, client):
+        self.client = client
+
+    @property
+    def model_id(self) -> str:
+        return self.client.model_id
+
+    def generate(self, prompts, params, progress=None):
+        return self.client.generate(prompts, params, progress=progress)
+
+
+MOVIES = pa.table(
+    {"title": [f"movie number {i}" for i in range(12)], "year": list(range(1990, 2002))}
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [(KeyboardInterrupt(), KeyboardInterrupt), (RuntimeError("server lost"), LLMCallError)],
+    ids=["ctrl-c", "error"],
+)
+def test_an_interrupted_call_keeps_its_answers_and_a_rerun_sends_only_the_rest(
+    make_config, tmp_path, error, raised
+):
+    # two sequences at a time: the answers finish over several steps
+    config = make_config(engine={"device": "cpu", "kv_cache_bytes": 64 << 20, "max_num_seqs": 2})
+    spec = bind_call("llm")
+    client = get_client(config)
+    cache = ResultCache(tmp_path / "interrupted")
+    interrupting = Interrupting(client, error)
+    with pytest.raises(raised) as info:
+        run_call(spec, "Q", MOVIES, config, interrupting, cache)
+    if raised is LLMCallError:
+        assert "RuntimeError: server lost" in str(info.value) and info.value.__cause__ is error
+    num_answered = interrupting.num_answered
+    assert 3 <= num_answered < 12
+    assert len(cache) == num_answered
+    assert client.engine.num_unfinished == 0
+    rerun = run_call(spec, "Q", MOVIES, config, client, cache)  # the same engine, reused
+    assert (rerun.stats.num_cache_hits, rerun.stats.num_sent) == (num_answered, 12 - num_answered)
+    uninterrupted = make_config()  # another engine, no result cache
+    fresh = run_call(spec, "Q", MOVIES, uninterrupted, get_client(uninterrupted))
+    assert rerun.answers.equals(fresh.answers)
+    assert len(set(fresh.answers.to_pylist())) > 1
+
+
+def test_a_client_without_on_output_still_answers_and_keeps_nothing_on_interrupt(
+    tiny_config, tmp_path
+):
+    spec = bind_call("llm")
+    client = get_client(tiny_config)
+    cache = ResultCache(tmp_path / "plain")
+    plain = run_call(spec, "Q", MOVIES, tiny_config, WithoutOnOutput(client))
+    assert plain.answers.equals(run_call(spec, "Q", MOVIES, tiny_config, client).answers)
+    with pytest.raises(KeyboardInterrupt):
+        run_call(
+            spec,
+            "Q",
+            MOVIES,
+            tiny_config,
+            WithoutOnOutput(Interrupting(client, KeyboardInterrupt())),
+            cache,
+        )
+    assert len(cache) == 0
+    assert client.engine.num_unfinished == 0

@@ -126,6 +126,22 @@ SHAPES = [
     "SELECT id, llm(title, genre) FROM movies",  # the instruction is a column
     "SELECT id FROM movies WHERE id IN (SELECT id FROM reviews WHERE llm_filter('Good?', review))",
     "SELECT id, llm('S', title) FROM movies UNION ALL SELECT id, llm('S', review) FROM reviews",
+    # aggregating scopes: a call in WHERE is per row, a GROUP BY call is a key
+    "SELECT count(*) FROM movies WHERE year > 1990 AND llm_filter('K?', title)",
+    "SELECT genre, count(*) FROM movies WHERE llm_filter('K?', title) GROUP BY genre",
+    "SELECT llm_choice('C', ['red', 'green'], genre) AS c, count(*) FROM movies "
+    "GROUP BY llm_choice('C', ['red', 'green'], genre)",
+    "SELECT llm_choice('C', ['red', 'green'], genre) AS c, count(*) FROM movies GROUP BY c",
+    "SELECT llm_choice('C', ['red', 'green'], genre) AS c, count(*) FROM movies GROUP BY 1",
+    "SELECT upper(llm('S', genre)) AS c, count(*) FROM movies GROUP BY c",
+    "SELECT count(*) FILTER (WHERE llm_filter('K?', title)) AS n FROM movies",
+    "SELECT genre, count(*) FILTER (WHERE llm_filter('K?', title)) FROM movies "
+    "GROUP BY ROLLUP (genre)",
+    "SELECT genre FROM movies GROUP BY genre HAVING llm_filter('Fun?', genre)",
+    "SELECT rating, genre, count(*) FROM movies "
+    "GROUP BY GROUPING SETS ((rating), (llm_choice('C', ['red', 'green'], genre), genre))",
+    "SELECT id, llm(NULL, title) AS a FROM movies",
+    "SELECT llm('Capital?', {'country': 'France'}) AS a",
 ]
 
 
@@ -194,14 +210,20 @@ def test_unsupported_shapes_say_so(con):
         _rewritten(
             con, "SELECT 1 FROM movies m JOIN reviews r ON llm_filter('Same?', title, review)"
         )
-    with pytest.raises(UnsupportedQuery, match="without FROM"):
-        _rewritten(con, "SELECT llm('Hi')")
     for sql in (
         "SELECT genre, llm('S', {'t': string_agg(title)}) FROM movies GROUP BY genre",
         "SELECT genre, llm('O', {'i': llm('I', genre)}) FROM movies GROUP BY genre",
     ):
         with pytest.raises(UnsupportedQuery, match="an argument is an aggregate"):
             _rewritten(con, sql)
+
+
+def test_select_without_from_runs_over_one_row(con):
+    sql = "SELECT llm('Capital?', {'country': 'France'}) AS a"
+    final, sent = _rewritten(con, sql)
+    assert [n for _site, n in sent] == [1]
+    assert con.sql(final).fetchall() == con.sql(QueryRewrite(sql).udf_sql()).fetchall()
+    assert UDF_CALLS == [1]  # the reference run only: the final query found the answer
 
 
 def test_call_on_a_group_key_is_looked_up_once_per_group(con):

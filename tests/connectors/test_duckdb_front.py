@@ -1,0 +1,166 @@
+"""llmudf.connect() as a DuckDB connection: the everyday shapes of issue #10 (local
+DataFrames by name, long-lived relations, cursors, multi-statement strings, parameters,
+DML, fallbacks), with a real DuckDB and the tiny random-init engine."""
+
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+import pytest
+
+import llmudf
+from llmudf.functions import LLMCallError
+
+TITLES = ["Up", "Heat", "Alien", "Cars", "Saw", "Jaws", "Big", "Fargo"]
+
+
+@pytest.fixture
+def con(make_config):
+    con = llmudf.connect(config=make_config(cache=False))
+    con.execute(
+        "CREATE TABLE m AS SELECT i AS id, ['Up','Heat','Alien','Cars','Saw','Jaws','Big',"
+        "'Fargo'][1 + i % 8] AS title, 1990 + i % 5 AS year FROM range(16) t(i)"
+    )
+    yield con
+    con.close()
+
+
+def _sent(con) -> int:
+    return sum(s.num_sent for s in con.last_stats)
+
+
+def test_plain_queries_see_the_callers_dataframes(con):
+    df = pd.DataFrame({"a": [1, 2, 3]})  # noqa: F841 - found by name, as DuckDB does
+    assert con.sql("SELECT sum(a) FROM df").fetchall() == [(6,)]
+    assert con.execute("SELECT count(*) FROM df").fetchall() == [(3,)]
+
+
+def test_llm_queries_over_a_local_dataframe(con):
+    movies = pd.DataFrame({"title": TITLES * 2, "year": range(16)})  # noqa: F841
+    got = con.sql("SELECT title, llm('Genre?', title) AS g FROM movies ORDER BY year").fetchall()
+    assert con.last_fallback is None
+    assert _sent(con) == len(TITLES)  # deduplicated over the DataFrame
+    per_chunk = llmudf.connect(config=con.config.with_options({}))
+    per_chunk.config.rewrite = False
+    naive = per_chunk.sql("SELECT title, llm('Genre?', title) AS g FROM movies").fetchall()
+    assert sorted(got) == sorted(naive)
+    assert len({g for _t, g in got}) > 1
+
+
+def test_a_relation_outlives_later_llm_queries(con):
+    kept = con.sql("SELECT id, llm('Genre?', title) AS g FROM m WHERE id < 4")
+    expected = kept.fetchall()
+    for i in range(20):
+        con.sql(f"SELECT llm('Other {i}?', title) FROM m WHERE id = {i % 16}").fetchall()
+    assert kept.fetchall() == expected
+    assert kept.filter("id > 1").fetchall() == [r for r in expected if r[0] > 1]
+
+
+def test_multi_statement_strings_are_rewritten_statement_by_statement(con):
+    single = con.sql("SELECT id, llm('Genre?', title) AS g FROM m").fetchall()
+    got = con.sql(
+        "CREATE TABLE t2 AS SELECT * FROM m WHERE id < 8; "
+        "SELECT id, llm('Genre?', title) AS g FROM m"
+    ).fetchall()
+    assert con.last_fallback is None
+    assert sorted(got) == sorted(single)
+    assert con.sql("SELECT count(*) FROM t2").fetchall() == [(8,)]
+
+
+def test_bare_columns_are_named_by_column_on_the_per_chunk_path_too(make_config):
+    results = []
+    for rewrite in (True, False):
+        con = llmudf.connect(config=make_config(cache=False, rewrite=rewrite))
+        sql = "SELECT title, llm('Genre?', title) FROM m"
+        con.execute("CREATE TABLE m AS SELECT unnest(['Up', 'Heat', 'Saw', 'Big']) AS title")
+        results.append(sorted(con.sql(sql).fetchall()))
+        results.append(sorted(con.sql(f"SELECT 1; {sql}").fetchall()))
+        con.close()
+    plain = duckdb.connect()
+    plain.execute("CREATE TABLE m AS SELECT unnest(['Up', 'Heat', 'Saw', 'Big']) AS title")
+    llmudf.register(plain, make_config(cache=False))
+    struct = sorted(plain.sql("SELECT title, llm('Genre?', {'title': title}) FROM m").fetchall())
+    assert results == [struct] * 4
+    assert len({a for _t, a in struct}) > 1
+
+
+def test_a_null_instruction_gives_null(con):
+    rows = con.sql("SELECT llm(NULL, title) AS a, llm_filter(NULL, title) AS f FROM m").fetchall()
+    assert rows == [(None, None)] * 16
+    assert _sent(con) == 0
+
+
+def test_last_stats_belong_to_the_latest_query(con):
+    con.sql("SELECT llm('Genre?', title) FROM m").fetchall()
+    assert con.last_stats
+    con.sql("SELECT count(*) FROM m").fetchall()
+    assert con.last_stats == [] and con.last_fallback is None
+
+
+def test_a_cursor_is_an_llmudf_connection(con):
+    cursor = con.cursor()
+    assert isinstance(cursor, llmudf.Connection)
+    got = cursor.sql("SELECT id, llm('Genre?', title) AS g FROM m").fetchall()
+    assert cursor.last_fallback is None and _sent(cursor) == len(TITLES)
+    assert sorted(got) == sorted(con.sql("SELECT id, llm('Genre?', title) AS g FROM m").fetchall())
+
+
+def test_parameters_are_inlined_and_rewritten(con):
+    expected = con.sql("SELECT id, llm('Genre?', title) AS g FROM m WHERE year > 1992").fetchall()
+    for sql, params in [
+        ("SELECT id, llm('Genre?', title) AS g FROM m WHERE year > ?", [1992]),
+        ("SELECT id, llm('Genre?', title) AS g FROM m WHERE year > $1", [1992]),
+        ("SELECT id, llm('Genre?', title) AS g FROM m WHERE year > $y", {"y": 1992}),
+    ]:
+        assert sorted(con.sql(sql, params=params).fetchall()) == sorted(expected)
+        assert con.last_fallback is None
+        assert sorted(con.execute(sql, params).fetchall()) == sorted(expected)
+
+
+def test_ctas_and_insert_select_are_rewritten(con):
+    con.execute("CREATE TABLE a AS SELECT id, llm('Genre?', title) AS g FROM m")
+    assert con.last_fallback is None and _sent(con) == len(TITLES)
+    con.execute("INSERT INTO a SELECT id + 100, llm('Genre?', title) FROM m WHERE id < 3")
+    assert con.last_fallback is None
+    rows = dict(con.sql("SELECT id, g FROM a").fetchall())
+    assert len(rows) == 19 and rows[100] == rows[0] == rows[8]
+
+
+def test_update_and_delete_run_per_chunk(con):
+    con.execute("CREATE TABLE u AS SELECT id, title, NULL::VARCHAR AS g FROM m")
+    con.execute("UPDATE u SET g = llm('Genre?', title) WHERE id < 4")
+    assert con.last_fallback.startswith("UnsupportedQuery")
+    expected = con.sql("SELECT id, llm('Genre?', title) FROM m WHERE id < 4").fetchall()
+    assert sorted(con.sql("SELECT id, g FROM u WHERE id < 4").fetchall()) == sorted(expected)
+    keep = con.sql("SELECT count(*) FROM m WHERE NOT llm_filter('Old?', title)").fetchall()[0][0]
+    con.execute("DELETE FROM u WHERE llm_filter('Old?', title)")
+    assert con.sql("SELECT count(*) FROM u").fetchall()[0][0] == keep
+
+
+def test_a_users_own_error_names_the_call_site(con):
+    with pytest.raises(LLMCallError, match=r"llm #1 in SELECT: .*nosuch"):
+        con.sql("SELECT llm('Genre?', nosuch) FROM m")
+    with pytest.raises(duckdb.CatalogException, match="nosuchtable"):
+        con.sql("SELECT llm('Genre?', title) FROM nosuchtable")
+
+
+def test_a_failing_rewritten_query_falls_back_per_chunk(con, monkeypatch):
+    from llmudf.optimizer.rewrite import QueryRewrite
+
+    real = QueryRewrite.run
+
+    def broken(self, *args, **kwargs):
+        return real(self, *args, **kwargs) + " AND __no_such_column"
+
+    monkeypatch.setattr(QueryRewrite, "run", broken)
+    got = con.sql("SELECT id, llm('Genre?', title) AS g FROM m WHERE id < 4").fetchall()
+    assert "__no_such_column" in con.last_fallback
+    monkeypatch.undo()
+    assert sorted(got) == sorted(
+        con.sql("SELECT id, llm('Genre?', title) AS g FROM m WHERE id < 4").fetchall()
+    )
+
+
+def test_explain_of_a_select_without_from(con):
+    plan = con.explain_llm("SELECT llm('Capital?', {'country': 'France'}) AS a")
+    assert plan.sites[0].num_rows == 1
