@@ -28,12 +28,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from llmudf.calls.prompt import ChatPrompt, render_user_message  # noqa: E402
 from llmudf.engine.config import EngineConfig  # noqa: E402
 from llmudf.engine.engine import Engine  # noqa: E402
-from llmudf.engine.sampling import SamplingParams  # noqa: E402
+from llmudf.engine.params import SamplingParams  # noqa: E402
 from llmudf.engine.weights import load_model, resolve_model_dir  # noqa: E402
-from llmudf.paths import movies_db  # noqa: E402
-from llmudf.prompt import ChatPrompt, render_user_message  # noqa: E402
+from llmudf.runtime.paths import movies_db  # noqa: E402
 
 INSTRUCTION = "Is this movie suitable for young children? Answer yes or no."
 FIELDS = ("title", "year", "genre", "director", "language", "country")
@@ -41,14 +41,15 @@ MAX_NEW_TOKENS = 8
 HF_BATCH = 16
 
 
-def movie_prompts(n: int) -> list[ChatPrompt]:
+def movie_prompts(n: int) -> list[list[dict]]:
     con = sqlite3.connect(movies_db())
     rows = con.execute(
         "SELECT Title, Year, Genre, Director, Language, Country FROM omdb ORDER BY ID LIMIT ?",
         (n,),
     ).fetchall()
     return [
-        ChatPrompt(render_user_message(INSTRUCTION, zip(FIELDS, row, strict=True))) for row in rows
+        ChatPrompt(render_user_message(INSTRUCTION, zip(FIELDS, row, strict=True))).messages()
+        for row in rows
     ]
 
 
@@ -64,9 +65,9 @@ def load_transformers(dtype):
     return model, hf_tok
 
 
-def run_transformers(prompts: list[ChatPrompt], tokenizer, model, hf_tok) -> list[str]:
+def run_transformers(prompts: list[list[dict]], tokenizer, model, hf_tok) -> list[str]:
     """What a user would write today: batched `generate` with left padding."""
-    texts = [tokenizer.apply_chat_template(p.messages()) for p in prompts]
+    texts = [tokenizer.apply_chat_template(messages) for messages in prompts]
     answers: list[str] = []
     with torch.inference_mode():
         for i in range(0, len(texts), HF_BATCH):
@@ -100,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens)
-    model, model_config, tokenizer = load_model(None, config.torch_device, config.torch_dtype)
+    model, _, tokenizer = load_model(None, config.torch_device, config.torch_dtype)
     prompts = movie_prompts(args.num_prompts)
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS)
     n = len(prompts)
@@ -109,7 +110,7 @@ def main() -> None:
         cfg = EngineConfig(
             max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_cache=prefix_cache
         )
-        return Engine.from_model(model, model_config, tokenizer, cfg)
+        return Engine(cfg, model=model, tokenizer=tokenizer)
 
     # both sides loaded and warmed up untimed (one-time allocator/kernel setup)
     hf_model, hf_tok = load_transformers(config.torch_dtype)

@@ -27,13 +27,13 @@ import time
 import pandas as pd
 import pyarrow as pa
 
-from llmudf import paths
+from llmudf.calls.prompt import ChatPrompt
 from llmudf.optimizer import PlanOptions, plan_call, prefix_hit_rate
 from llmudf.optimizer.encode import encode, group_fields
 from llmudf.optimizer.exact import SearchTooLarge, exact_orders, upper_bound
 from llmudf.optimizer.ggr import GGRConfig, best_orders, ggr_orders, shared_line_chars
 from llmudf.optimizer.plan import unique_row_map
-from llmudf.prompt import ChatPrompt
+from llmudf.runtime import paths
 
 INSTRUCTION = "Is this movie suitable for young children? Answer yes or no."
 MOVIE_FIELDS = ["title", "year", "genre", "director", "writer", "language", "country", "rating"]

@@ -33,10 +33,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from llmudf import paths
+from llmudf.calls.config import Config
+from llmudf.calls.prompt import ChatPrompt
 from llmudf.cli import _read_movies
-from llmudf.config import Config
-from llmudf.prompt import ChatPrompt
+from llmudf.runtime import paths
 
 # the filter and projection queries of bench/query.py, in Spark SQL (options as a struct)
 QUERIES = {
@@ -50,12 +50,12 @@ QUERIES = {
 def fresh_server(config: Config) -> None:
     """Stop this node's server (if any) and start a warm new one."""
     from llmudf.engine.flight_client import FlightEngineClient, node_server
-    from llmudf.engine.sampling import SamplingParams
+    from llmudf.engine.params import SamplingParams
 
     _stop_servers(signal.SIGKILL)
     node_server(config.model, config.engine)
     client = FlightEngineClient(model=config.model, engine=config.engine)
-    client.generate([ChatPrompt("warm up")], SamplingParams(max_tokens=2))
+    client.generate([ChatPrompt("warm up").messages()], SamplingParams(max_tokens=2))
     client.close()
 
 

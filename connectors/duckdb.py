@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import contextvars
 import re
 import sys
 import threading
@@ -19,15 +20,16 @@ import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
-from llmudf.cache import open_cache
-from llmudf.client import get_client
-from llmudf.config import Config
-from llmudf.executor import CallStats, run_call
-from llmudf.functions import FUNCTIONS, LLMCallError, bind_call, is_options
-from llmudf.optimizer.callsite import fields_table
+from llmudf.calls.config import Config
+from llmudf.calls.functions import FUNCTIONS, FunctionSpec, LLMCallError
 from llmudf.optimizer.explain import LLMExplain, explain_call
 from llmudf.optimizer.plan import PlanOptions, plan_call
-from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
+from llmudf.optimizer.rewrite import AnswerStep, QueryRewrite, UnsupportedQuery
+from llmudf.runtime.cache import open_cache
+from llmudf.runtime.chunk_call import bind_chunk
+from llmudf.runtime.client import explain_tokenizer, get_client
+from llmudf.runtime.executor import CallStats, StatsTable, run_call
+from llmudf.runtime.query_driver import CallInput, drive
 
 _LLM_CALL = re.compile(r"\bllm(_filter|_choice|_score|_json)?\s*\(", re.IGNORECASE)
 
@@ -114,15 +116,14 @@ class Connection:
         self.config = config
         self.runtime = runtime or register(con, config)
         self.last_fallback: str | None = None
-        self._names = itertools.count(1)
         # the caller's (globals, locals) and this query's answer tables, for replacement
         # scans; a relation binds the tables it reads, so they live as long as it does
         self._scope: tuple[dict, dict] = ({}, {})
         self._answers: dict[str, pa.Table] = {}
 
     @property
-    def last_stats(self) -> list[CallStats]:
-        return list(self.runtime.stats)
+    def last_stats(self) -> StatsTable:
+        return StatsTable(self.runtime.stats)
 
     def sql(self, query: str, params=None) -> duckdb.DuckDBPyRelation:
         """Run `query`, answering its LLM calls first; returns a DuckDB relation."""
@@ -147,31 +148,33 @@ class Connection:
         """What the whole-query path would do, without running the LLM (see LLMExplain)."""
         rewrite = QueryRewrite(query, "duckdb")
         sites = []
-        tokenize, render = _tokenizer(self.config)
+        tokenize, render = explain_tokenizer(self.config)
+        options = PlanOptions.from_config(self.config)
         self._scope, self._answers = _caller_scope(), {}
 
-        def plan_only(site, args: pa.Table) -> str:
-            instruction, fields = site.inputs(args)
+        def plan_only(step: AnswerStep, call: CallInput) -> pa.Array:
+            site, instruction = step.site, call.instruction
             if isinstance(instruction, str):
                 text = instruction
             else:
                 text = next((str(i) for i in instruction if i is not None), "")
-            options = PlanOptions(
-                dedup=self.config.dedup,
-                reorder_fields=self.config.reorder_fields,
-                reorder_rows=self.config.reorder_rows,
+            plan = plan_call(site.spec.instruction(text), call.fields, options)
+            explained = explain_call(
+                site.label,
+                text,
+                plan,
+                step.pushed,
+                tokenize,
+                render,
+                num_rows=call.num_rows,
+                row_counts=call.row_counts,
             )
-            plan = plan_call(site.spec.instruction(text), fields, options)
-            sites.append(
-                explain_call(
-                    site.label, text, plan, site.pushed, tokenize, render, num_rows=site.num_rows
-                )
-            )
-            nulls = pa.nulls(args.num_rows, site.spec.function.arrow_type)
-            return self._register_answers(site, args, nulls)
+            sites.append(explained)
+            nulls = pa.nulls(call.num_tuples, site.spec.function.arrow_type)
+            return _duck_answers(site.spec.function, nulls)
 
         try:
-            final = rewrite.run(self._run_sql, plan_only, assume_pass=True)
+            final = drive(rewrite, self._run_sql, plan_only, self._bind, assume_pass=True).sql
         finally:
             self._scope, self._answers = ({}, {}), {}
         return LLMExplain(final, tuple(sites))
@@ -218,7 +221,7 @@ class Connection:
         if not self.config.rewrite:
             return self._per_chunk(method, query, params, "rewrite off")
         try:
-            final = rewrite.run(self._run_sql, self._answer)
+            final = drive(rewrite, self._run_sql, self._answer, self._bind).sql
             return self._duck(method, final, None)
         except (UnsupportedQuery, duckdb.Error) as exc:
             # the rewrite's own SQL failed, or the user's query is wrong: the per-chunk path
@@ -258,20 +261,13 @@ class Connection:
     def _run_sql(self, sql: str) -> pa.Table:
         return self._duck("sql", sql, None).to_arrow_table()
 
-    def _answer(self, site, args: pa.Table) -> str:
-        instruction, fields = site.inputs(args)
-        answers = self.runtime.run(site.spec, instruction, fields, num_rows=site.num_rows)
-        return self._register_answers(site, args, answers)
+    def _answer(self, step: AnswerStep, call: CallInput) -> pa.Array:
+        spec = step.site.spec
+        answers = self.runtime.run(spec, call.instruction, call.fields, num_rows=call.num_rows)
+        return _duck_answers(spec.function, answers)
 
-    def _register_answers(self, site, args: pa.Table, answers: pa.Array) -> str:
-        if site.spec.function.sql_type == "JSON":  # DuckDB reads Arrow's JSON type as JSON
-            answers = pa.ExtensionArray.from_storage(pa.json_(), answers)
-        table = args.append_column(ANSWER, answers).append_column(
-            FOUND, pa.array([True] * args.num_rows, pa.bool_())
-        )
-        name = f"__llm_answers_{next(self._names)}"
-        self._answers[name] = table
-        return name
+    def _bind(self, name: str, table: pa.Table) -> None:
+        self._answers[name] = table  # read by the replacement scans of `_duck`
 
 
 def _make_udf(runtime: LLMRuntime, name: str):
@@ -279,35 +275,42 @@ def _make_udf(runtime: LLMRuntime, name: str):
 
     def udf(*args) -> pa.Array:
         args = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in args]
-        num_rows = len(args[0])
-        if num_rows == 0:
+        if len(args[0]) == 0:
             return pa.array([], type=function.arrow_type)
-        site = f"{name} (per chunk)"
-        rest = list(args[1:])
-        const = rest.pop(0)[0].as_py() if function.const_arg and rest else None
-        options = {}
-        if len(rest) >= 2 and pa.types.is_struct(rest[-1].type):
-            keys = [f.name for f in rest[-1].type]
-            columns = dict(zip(keys, (c.to_pylist() for c in rest[-1].flatten()), strict=True))
-            # a constant here: the same value on every row of the chunk
-            constants = {k: c[0] for k, c in columns.items() if len(set(map(repr, c))) == 1}
-            if is_options(keys, constants, site, from_rows=True):
-                options = constants
-                rest.pop()
-        spec = bind_call(name, const, options, site)
-        instruction = args[0].to_pylist()
-        if len(set(instruction)) == 1 and instruction[0] is not None:
-            instruction = instruction[0]
-        answers = runtime.run(spec, instruction, _fields_table(rest, num_rows))
-        if function.sql_type == "JSON":  # DuckDB maps Arrow's JSON extension type to JSON
-            return pa.ExtensionArray.from_storage(pa.json_(), answers)
-        return answers
+        call = bind_chunk(name, args, f"{name} (per chunk)")
+        answers = runtime.run(call.spec, call.instruction, call.fields)
+        return _duck_answers(function, answers)
 
     return udf
 
 
+_NAMESPACE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "llmudf_namespace", default=None
+)
+
+
+@contextlib.contextmanager
+def using_namespace(namespace: dict):
+    """Resolve table names in `namespace` (e.g. a notebook's `ipython.user_ns`) instead of
+    the caller's frame, for queries run inside this block: for callers such as IPython
+    magics, whose frame is not where the user's DataFrames are.
+
+    >>> with using_namespace({"df": df}):                               # doctest: +SKIP
+    ...     con.sql("SELECT * FROM df")
+    """
+    token = _NAMESPACE.set(namespace)
+    try:
+        yield
+    finally:
+        _NAMESPACE.reset(token)
+
+
 def _caller_scope() -> tuple[dict, dict]:
-    """(globals, locals) of the nearest frame outside llmudf: where the user's DataFrames are."""
+    """(globals, locals) of the nearest frame outside llmudf: where the user's DataFrames are
+    (or the namespace of an enclosing `using_namespace`)."""
+    namespace = _NAMESPACE.get()
+    if namespace is not None:
+        return namespace, {}
     frame = sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "llmudf":
         frame = frame.f_back
@@ -324,26 +327,8 @@ def _split_statements(query: str) -> list[str]:
         return [query]  # DuckDB will name the syntax error when it runs
 
 
-def _fields_table(args: list[pa.Array], num_rows: int) -> pa.Table:
-    names, arrays = [], []
-    for i, arg in enumerate(args, 1):
-        if pa.types.is_struct(arg.type):
-            names += [f.name for f in arg.type]
-            arrays += arg.flatten()
-        else:
-            names.append(f"field{i}")
-            arrays.append(arg)
-    return fields_table(names, arrays, num_rows)
-
-
-def _tokenizer(config: Config):
-    """(tokenize, render) with the model's tokenizer and chat template, or (None, None)."""
-    from llmudf.prompt import ChatPrompt
-
-    try:
-        tokenizer = get_client(config).tokenizer
-    except Exception:  # no tokenizer without loading a model: EXPLAIN counts characters
-        return None, None
-    return tokenizer.encode_batch, lambda user: tokenizer.apply_chat_template(
-        ChatPrompt(user).messages()
-    )
+def _duck_answers(function: FunctionSpec, answers: pa.Array) -> pa.Array:
+    """Answers as DuckDB reads them: the JSON function's as Arrow's JSON type (DuckDB's JSON)."""
+    if function.sql_type == "JSON":
+        return pa.ExtensionArray.from_storage(pa.json_(), answers)
+    return answers

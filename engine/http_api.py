@@ -19,8 +19,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from llmudf.engine.params import SamplingParams
 from llmudf.engine.service import EngineService, ServiceUnavailable
-from llmudf.prompt import ChatPrompt
 
 MAX_BODY_BYTES = 8 << 20
 _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
@@ -127,31 +127,18 @@ class _Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, "only n=1 is supported", "n")
         return body
 
-    def _chat_prompt(self, messages: list):
-        texts = []
+    def _chat_prompt(self, messages: list) -> list[dict]:
+        """The engine's chat (engine/prompts.py): role and plain-text content per message."""
+        chat = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
                 raise HTTPError(
                     400, f"messages[{i}] needs a role of system, user or assistant", "messages"
                 )
-            texts.append((m["role"], _content_text(m.get("content"), i)))
-        roles = [r for r, _ in texts]
-        if roles == ["user"]:
-            return ChatPrompt(texts[0][1], system=None)
-        if roles == ["system", "user"]:
-            return ChatPrompt(texts[1][1], system=texts[0][1])
-        tokenizer = getattr(self.service.engine, "tokenizer", None)
-        if tokenizer is None:
-            raise ServiceUnavailable("the engine is still loading")
-        # token ids, so that special-token text in the messages stays plain text
-        try:
-            return tokenizer.encode_chat([{"role": r, "content": t} for r, t in texts])
-        except ValueError as exc:
-            raise HTTPError(400, str(exc), "messages") from exc
+            chat.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
+        return chat
 
-    def _params(self, body: dict):
-        from llmudf.engine.sampling import SamplingParams
-
+    def _params(self, body: dict) -> SamplingParams:
         kwargs = {k: body[k] for k in _PARAM_KEYS if body.get(k) is not None}
         if body.get("max_completion_tokens") is not None:
             kwargs["max_tokens"] = body["max_completion_tokens"]
@@ -211,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
         if chat:
             chunk("")
         sent, token_ids = "", []
-        tokenizer = self.service.engine.tokenizer
+        tokenizer = self.service.tokenizer
         try:
             while (result := call.results.get()).token_id is not None:
                 token_ids.append(result.token_id)

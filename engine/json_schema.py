@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmudf.engine.sampling import ChoiceTrie, TrieNode
+from llmudf.engine.choices import ChoiceTrie, TrieNode
 
 MAX_STRING_TOKENS = 64
 MAX_NUMBER_TOKENS = 8
@@ -101,8 +101,11 @@ class JsonPlan:
 
 
 class JsonState:
-    """Where one request is in its JSON plan. `allowed()` lists the tokens it may take next;
-    `advance(token)` takes one and returns True when the object is complete."""
+    """Where one request is in its JSON plan (the `Constraint` of engine/constraints.py).
+    `allowed()` lists the tokens it may take next; `advance(token)` takes one and returns
+    True when the object is complete; the answer is the decoded tokens (`answer` is None)."""
+
+    answer = None
 
     __slots__ = ("plan", "index", "offset", "node", "count", "seen_dot", "is_zero")
 

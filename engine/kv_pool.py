@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmudf.engine.config import CPU_KV_BYTES_CAP, EngineConfig, free_device_memory
+
 
 @dataclass(frozen=True, slots=True)
 class KVShape:
@@ -72,6 +74,23 @@ class KVPool:
                 f"a KV budget of {num_bytes} bytes holds no page (one page takes {per_page} bytes)"
             )
         return cls(shape, num_pages, device, dtype)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, shape: KVShape, max_len: int) -> KVPool:
+        """An engine's pool: `num_kv_pages` if set, else `kv_cache_bytes`, else
+        `kv_cache_fraction` of the device's free memory (at most CPU_KV_BYTES_CAP on CPU);
+        never more than `max_num_seqs` sequences of `max_len` tokens can use."""
+        device, dtype = config.torch_device, config.torch_dtype
+        if config.num_kv_pages is not None:
+            return cls(shape, config.num_kv_pages, device, dtype)
+        budget = config.kv_cache_bytes
+        if budget is None:
+            budget = int(free_device_memory(device) * config.kv_cache_fraction)
+            if device.type == "cpu":
+                budget = min(budget, CPU_KV_BYTES_CAP)
+        max_pages = -(-max_len // shape.page_size) * config.max_num_seqs
+        budget = min(budget, max_pages * shape.bytes_per_page(dtype))
+        return cls.from_budget(shape, budget, device, dtype)
 
     @property
     def num_free_pages(self) -> int:

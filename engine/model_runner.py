@@ -2,7 +2,9 @@
 
 Every scheduled token of every sequence goes into one flat batch ([T]); logits are computed
 only for the last token of the sequences that sample this step (the model's last layer
-runs its o_proj and MLP on those tokens only).
+runs its o_proj and MLP on those tokens only). The step's attention metadata and plan are
+built here, once, and passed to every layer. A constrained sequence's `Constraint` says
+which tokens it may take; the runner does not know what kind of constraint it is.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import torch
 
 from llmudf.engine.kv_pool import KVPool
 from llmudf.engine.request import Sequence
-from llmudf.engine.sampling import Sampler, allowed_tokens
+from llmudf.engine.sampling import Sampler
 from llmudf.engine.scheduler import ScheduledBatch
-from llmudf.kernels import AttentionMetadata
+from llmudf.kernels import AttentionMetadata, AttentionPlan
 
 
 @dataclass(slots=True)
@@ -30,21 +32,16 @@ class SampledToken:
 class ModelRunner:
     """Runs `model` (forward + compute_logits, see docs/DESIGN.md) over the pool's KV pages."""
 
-    def __init__(
-        self,
-        model,
-        pool: KVPool,
-        device: torch.device,
-        eos_token_ids: tuple[int, ...],
-        vocab_size: int,
-    ):
+    def __init__(self, model, pool: KVPool, device: torch.device, vocab_size: int):
         self.model = model
         # the tokenizer's vocab may be smaller than the model's padded embedding table
         self.vocab_size = vocab_size
         self.pool = pool
         self.device = device
-        self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
+        cfg = model.config
+        self._heads = (cfg.num_heads, cfg.num_kv_heads)
+        self._dtype = next(model.parameters()).dtype
         self._kv_caches = pool.kv_caches
         if device.type == "cpu":
             keep_freed_host_memory()
@@ -57,9 +54,11 @@ class ModelRunner:
         for seq, start, n in zip(seqs, starts, counts, strict=True):
             input_ids += seq.token_ids[start : start + n]
         seq_lens = [start + n for start, n in zip(starts, counts, strict=True)]
+        page_size = self.pool.page_size
         meta = AttentionMetadata.build(
-            counts, seq_lens, [seq.pages for seq in seqs], self.pool.page_size, self.device
+            counts, seq_lens, [seq.pages for seq in seqs], page_size, self.device
         )
+        plan = AttentionPlan.build(meta, page_size, *self._heads, self._dtype)
         counts_t = torch.tensor(counts, device=self.device)
         cu = meta.cu_seqlens_q.long()
         # position of flat token t = its offset inside its sequence's chunk + the chunk's start
@@ -69,12 +68,12 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         rows = [i for i, seq in enumerate(seqs) if seq_lens[i] == len(seq)]
         last = (cu[1:] - 1)[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        hidden = self.model.forward(ids, positions, meta, self._kv_caches, last)  # [N, H]
+        hidden = self.model.forward(ids, positions, meta, self._kv_caches, last, plan)  # [N, H]
         if not rows:
             return []
         sampling = [seqs[i] for i in rows]
         params = [seq.params for seq in sampling]
-        allowed = [self._allowed(seq) for seq in sampling]
+        allowed = [None if s.constraint is None else s.constraint.allowed() for s in sampling]
         want_logprobs = any(p.logprobs for p in params)
         candidates = _candidate_tokens(allowed, params, want_logprobs)
         if candidates is None:
@@ -95,13 +94,6 @@ class ModelRunner:
             SampledToken(seq, tok, lp)
             for seq, tok, lp in zip(sampling, token_list, lp_list, strict=True)
         ]
-
-    def _allowed(self, seq: Sequence) -> list[int] | None:
-        if seq.trie_node is not None:
-            return allowed_tokens(seq.trie_node, self.eos_token_ids)
-        if seq.json_state is not None:
-            return seq.json_state.allowed()
-        return None
 
 
 # above this many candidate tokens a step computes the whole vocabulary's logits

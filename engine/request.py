@@ -1,37 +1,20 @@
-"""One request's state inside the engine (Sequence) and what comes back to the caller (Output)."""
+"""One request's state inside the engine: a Sequence, until it becomes an Output."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 import torch
 
-from llmudf.engine.sampling import SamplingParams, TrieNode
+from llmudf.engine.constraints import Constraint
+from llmudf.engine.detokenizer import Detokenizer
+from llmudf.engine.params import Output, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted (its KV to be recomputed)
     RUNNING = "running"  # holds KV pages; prefilling (maybe in chunks) or decoding
     FINISHED = "finished"
-
-
-@dataclass(slots=True)
-class Output:
-    """The answer to one request.
-
-    finish_reason: "stop" (EOS, a stop string, or a choice completed), "length" (max_tokens or
-    the model's context) or "abort". token_ids are the generated tokens (EOS left out).
-    """
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_generated_tokens: int
-    logprobs: list[float] | None = None
 
 
 class Sequence:
@@ -41,6 +24,10 @@ class Sequence:
     `pages` hold it (page i covers tokens [i * page_size, (i + 1) * page_size)). `cache_node`
     is the radix node this sequence keeps locked (its cached prefix). After a preemption the
     KV is gone (or back in the cache) and the whole token list is prefilled again.
+
+    A sampled token in `end_token_ids` finishes the request and is left out of its tokens.
+    `constraint` (choices, JSON) limits and finishes the answer; else `detokenizer` (set when
+    there are stop strings) watches the text for them.
     """
 
     __slots__ = (
@@ -57,8 +44,9 @@ class Sequence:
         "cache_len",
         "num_preemptions",
         "generator",
-        "trie_node",
-        "json_state",
+        "end_token_ids",
+        "constraint",
+        "detokenizer",
         "logprobs",
         "finish_reason",
         "text",
@@ -72,8 +60,9 @@ class Sequence:
         prompt_ids: list[int],
         params: SamplingParams,
         max_len: int,
-        trie_root: TrieNode | None = None,
-        json_state=None,
+        end_token_ids: frozenset[int] = frozenset(),
+        constraint: Constraint | None = None,
+        detokenizer: Detokenizer | None = None,
     ):
         self.request_id = request_id
         self.arrival = arrival
@@ -91,8 +80,9 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed)
-        self.trie_node = trie_root  # set when constrained to choices
-        self.json_state = json_state  # set when constrained to a JSON schema
+        self.end_token_ids = end_token_ids
+        self.constraint = constraint
+        self.detokenizer = detokenizer
         self.logprobs: list[float] | None = [] if params.logprobs else None
         self.finish_reason: str | None = None
         self.text = ""

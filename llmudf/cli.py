@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from llmudf import datasets, paths
-from llmudf.config import Config
+from llmudf import datasets
+from llmudf.calls.config import Config
+from llmudf.runtime import paths
 
 DEMO_ROWS = 60
 DEMO_QUERIES = [
@@ -151,9 +152,9 @@ def _error_line(exc: BaseException) -> str:
 
 
 def _generate(args) -> int:
-    from llmudf.client import get_client
-    from llmudf.engine.sampling import SamplingParams
-    from llmudf.prompt import ChatPrompt, render_user_message
+    from llmudf.calls.prompt import ChatPrompt, render_user_message
+    from llmudf.engine.params import SamplingParams
+    from llmudf.runtime.client import get_client
 
     movies = _read_movies(args.n)["omdb"].to_pylist()
     prompts = [
@@ -162,7 +163,7 @@ def _generate(args) -> int:
                 "In one short sentence, what is this movie about?",
                 [("title", m["Title"]), ("year", m["Year"]), ("genre", m["Genre"])],
             )
-        )
+        ).messages()
         for m in movies
     ]
     client = get_client(Config(model=args.model))
@@ -203,7 +204,7 @@ def _demo(args) -> int:
     if args.save:
         return _save_movies(args.save, args.rows)
     import llmudf
-    from llmudf.client import get_client
+    from llmudf.runtime.client import get_client
 
     with llmudf.connect(model=args.model) as con:
         datasets.movies(con, DEMO_ROWS if args.rows is None else args.rows, rated_only=True)

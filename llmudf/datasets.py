@@ -18,7 +18,7 @@ from contextlib import closing
 
 import pyarrow as pa
 
-from llmudf import paths
+from llmudf.runtime import paths
 
 TABLES = ("omdb", "tomatoes")
 _SQLITE_TYPES = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}

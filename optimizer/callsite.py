@@ -11,12 +11,12 @@ so the per-chunk UDF receives the field names inside one struct.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 from sqlglot import exp
 
-from llmudf.functions import FUNCTIONS, CallSpec, LLMCallError, bind_call, is_options
+from llmudf.calls.functions import FUNCTIONS, CallSpec, LLMCallError, bind_call, is_options
 
 CLAUSES = {
     "expressions": "SELECT",
@@ -47,10 +47,6 @@ class CallSite:
     instruction: str | exp.Expression  # a constant string, or an expression over the rows
     fields: list[tuple[str, object]]  # (name, constant value or exp.Expression)
     const_node: exp.Expression | None = None  # the choices / schema argument
-    pushed: list[str] = field(default_factory=list)  # what ran below this call
-    num_rows: int = 0
-    num_distinct: int = 0
-    args_sql: str = ""  # the query of the distinct argument tuples this call was answered for
 
     @property
     def label(self) -> str:
@@ -105,13 +101,14 @@ def llm_calls(node: exp.Expression) -> list[exp.Anonymous]:
 
 def find_call_sites(tree: exp.Expression) -> list[CallSite]:
     """Put every LLM call in canonical form (in place) and return its CallSite, in SQL order."""
-    index = {id(n): i for i, n in enumerate(_in_sql_order(tree), 1)}
+    index = {id(n): i for i, n in enumerate(call_nodes(tree), 1)}
     for node in llm_calls(tree):  # innermost first: an outer call's args are already canonical
         node.replace(parse_call(node, index[id(node)]).canonical_node())
-    return [parse_call(n, i) for i, n in enumerate(_in_sql_order(tree), 1)]
+    return [parse_call(n, i) for i, n in enumerate(call_nodes(tree), 1)]
 
 
-def _in_sql_order(tree: exp.Expression) -> list[exp.Anonymous]:
+def call_nodes(tree: exp.Expression) -> list[exp.Anonymous]:
+    """LLM calls under `tree` in SQL order (a site's index is its position here, from 1)."""
     return [n for n in tree.find_all(exp.Anonymous, bfs=False) if n.name.lower() in FUNCTIONS]
 
 

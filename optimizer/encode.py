@@ -1,6 +1,6 @@
 """A call site's field table as integer codes: what the solvers work on.
 
-Every cell is rendered once per distinct value through `llmudf.prompt.format_value`, so two
+Every cell is rendered once per distinct value through `llmudf.calls.prompt.format_value`, so two
 cells share a code exactly when they render to the same text, and code order is text order
 (sorting rows by codes sorts them by rendered text). Columns that determine each other
 (functional dependencies both ways, e.g. a movie id and its title) are merged into one
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from llmudf.prompt import format_value
+from llmudf.calls.prompt import format_value
 
 NULL = -1  # code of a NULL cell; its `name: value` line is left out of the prompt
 
@@ -185,11 +185,13 @@ def _factorize_raw(column) -> tuple[np.ndarray, list]:
             return _factorize_python(list(column))
     if isinstance(column, pa.Array):
         column = pa.chunked_array([column])
+    if pa.types.is_dictionary(column.type):  # a DuckDB ENUM, a pandas categorical
+        column = column.cast(column.type.value_type)
     try:
         encoded = column.combine_chunks().dictionary_encode()
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
         return _factorize_python(column.to_pylist())
-    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = encoded.indices.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
     return codes, encoded.dictionary.to_pylist()
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from llmudf.calls.prompt import render_template, render_user_message
 from llmudf.optimizer.encode import EncodedTable, encode, factorize_rows, group_fields, to_table
 from llmudf.optimizer.ggr import GGRConfig, best_orders, sort_rows
-from llmudf.prompt import render_template, render_user_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,16 @@ class PlanOptions:
             raise ValueError(f"min_gain must be >= 1 character, got {self.min_gain}")
         if self.template is not None and not isinstance(self.template, str):
             raise TypeError(f"template must be a str, got {type(self.template).__name__}")
+
+    @classmethod
+    def from_config(cls, config) -> PlanOptions:
+        """The switches a caller's config sets: anything with `dedup`, `reorder_fields` and
+        `reorder_rows` (a `llmudf.Config`, which the optimizer does not import)."""
+        return cls(
+            dedup=config.dedup,
+            reorder_fields=config.reorder_fields,
+            reorder_rows=config.reorder_rows,
+        )
 
 
 @dataclass(frozen=True, slots=True)

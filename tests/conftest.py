@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from llmudf.config import Config  # noqa: E402
+from llmudf.calls.config import Config  # noqa: E402
 from llmudf.engine.models import tiny_config as tiny_model_config  # noqa: E402
 
 CHATML = (

@@ -16,6 +16,7 @@ from torch import nn
 from llmudf.engine.model_config import ModelConfig
 from llmudf.kernels import (
     AttentionMetadata,
+    AttentionPlan,
     apply_rotary,
     paged_attention,
     rms_norm,
@@ -55,7 +56,14 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def forward(
-        self, x, cos, sin, meta: AttentionMetadata, kv_cache: KVCache, rows=None
+        self,
+        x,
+        cos,
+        sin,
+        meta: AttentionMetadata,
+        plan: AttentionPlan,
+        kv_cache: KVCache,
+        rows=None,
     ) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden], or [N, hidden] for the flat-batch `rows` [N] only
         (every token's K/V is still stored)."""
@@ -74,7 +82,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, plan)
         out = out.view(num_tokens, self.q_size)
         return self.o_proj(out if rows is None else out[rows])
 
@@ -102,9 +110,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, meta, kv_cache, rows=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, meta, plan, kv_cache, rows=None) -> torch.Tensor:
         """x: [T, hidden], updated in place; with `rows` [N], a new [N, hidden] of those rows."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache, rows)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, meta, plan, kv_cache, rows)
         x = x.add_(h) if rows is None else h.add_(x[rows])
         return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
@@ -147,18 +155,23 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[KVCache],
         output_rows: torch.Tensor | None = None,
+        plan: AttentionPlan | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm, or
         [N, hidden] for the flat-batch `output_rows` [N] only: the last layer then skips its
-        o_proj and MLP on the other tokens, whose K/V is all a later step needs."""
+        o_proj and MLP on the other tokens, whose K/V is all a later step needs. `plan`: the
+        step's AttentionPlan, shared by every layer (None: built here from `meta`)."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         dtype = self.embed_tokens.weight.dtype
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        if plan is None:
+            cfg, page_size = self.config, kv_caches[0][0].shape[1]
+            plan = AttentionPlan.build(meta, page_size, cfg.num_heads, cfg.num_kv_heads, dtype)
         x = self.embed_tokens(input_ids)
         last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            x = layer(x, cos, sin, meta, kv_cache, output_rows if i == last else None)
+            x = layer(x, cos, sin, meta, plan, kv_cache, output_rows if i == last else None)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None):

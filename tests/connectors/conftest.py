@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from llmudf.engine.request import Output
+from llmudf.engine.params import Output
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +45,14 @@ class HashClient:
     def model_id(self) -> str:
         return "hash-oracle"
 
-    def generate(self, prompts, params, progress=None) -> list[Output]:
+    def generate(self, prompts, params, progress=None, on_output=None) -> list[Output]:
         self.num_batches += 1
         outputs = []
-        for i, prompt in enumerate(prompts):
-            text = answer(prompt.user, params)
+        for i, chat in enumerate(prompts):
+            user = chat[-1]["content"]  # a chat: [system,] user
+            text = answer(user, params)
             self.calls.append(
-                OracleCall(prompt.user, params.choices, params.json_schema, params.max_tokens, text)
+                OracleCall(user, params.choices, params.json_schema, params.max_tokens, text)
             )
             token_ids = list(text.encode())
             outputs.append(
@@ -60,11 +61,13 @@ class HashClient:
                     text=text,
                     token_ids=token_ids,
                     finish_reason="stop",
-                    num_prompt_tokens=len(prompt.user.encode()),
+                    num_prompt_tokens=len(user.encode()),
                     num_cached_tokens=0,
                     num_generated_tokens=len(token_ids),
                 )
             )
+            if on_output is not None:
+                on_output(i, outputs[-1])
             if progress is not None:
                 progress(1)
         return outputs
@@ -104,6 +107,6 @@ def _json_object(schema: dict, digest: str) -> dict:
 @pytest.fixture
 def hash_oracle(monkeypatch) -> HashClient:
     client = HashClient()
-    monkeypatch.setattr("llmudf.client._new_client", lambda config: client)
-    monkeypatch.setattr("llmudf.client._CLIENTS", {})
+    monkeypatch.setattr("llmudf.runtime.client._new_client", lambda config: client)
+    monkeypatch.setattr("llmudf.runtime.client._CLIENTS", {})
     return client

@@ -8,7 +8,7 @@ import duckdb
 import pytest
 
 import llmudf
-from llmudf.functions import LLMCallError
+from llmudf.calls.functions import LLMCallError
 
 ROWS = [(1, "a quiet film about a lighthouse", 5, "civic"), (2, "a loud one about cars", 7, "golf")]
 

@@ -12,7 +12,7 @@ import duckdb
 import pytest
 
 import llmudf
-from llmudf.functions import LLMCallError
+from llmudf.calls.functions import LLMCallError
 
 
 def _text(rng: random.Random) -> str:

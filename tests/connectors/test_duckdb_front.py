@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import llmudf
-from llmudf.functions import LLMCallError
+from llmudf.calls.functions import LLMCallError
 
 TITLES = ["Up", "Heat", "Alien", "Cars", "Saw", "Jaws", "Big", "Fargo"]
 
@@ -147,12 +147,13 @@ def test_a_users_own_error_names_the_call_site(con):
 def test_a_failing_rewritten_query_falls_back_per_chunk(con, monkeypatch):
     from llmudf.optimizer.rewrite import QueryRewrite
 
-    real = QueryRewrite.run
+    real = QueryRewrite.steps
 
     def broken(self, *args, **kwargs):
-        return real(self, *args, **kwargs) + " AND __no_such_column"
+        final = yield from real(self, *args, **kwargs)
+        return final + " AND __no_such_column"
 
-    monkeypatch.setattr(QueryRewrite, "run", broken)
+    monkeypatch.setattr(QueryRewrite, "steps", broken)
     got = con.sql("SELECT id, llm('Genre?', title) AS g FROM m WHERE id < 4").fetchall()
     assert "__no_such_column" in con.last_fallback
     monkeypatch.undo()
@@ -164,3 +165,41 @@ def test_a_failing_rewritten_query_falls_back_per_chunk(con, monkeypatch):
 def test_explain_of_a_select_without_from(con):
     plan = con.explain_llm("SELECT llm('Capital?', {'country': 'France'}) AS a")
     assert plan.sites[0].num_rows == 1
+
+
+def test_an_interrupted_query_leaves_the_connection_ready(make_config, monkeypatch):
+    from llmudf.runtime.progress import BatchProgress
+
+    # two sequences at a time, so answers finish over several steps; result cache on
+    engine = {"device": "cpu", "kv_cache_bytes": 64 << 20, "max_num_seqs": 2}
+    con = llmudf.connect(config=make_config(engine=engine))
+    con.execute("CREATE TABLE m AS SELECT 'title ' || i AS title FROM range(12) t(i)")
+    sql = "SELECT title, llm('Genre?', title) AS g FROM m"
+    advance = BatchProgress.advance
+
+    def interrupt(self, num_done, *args):  # Ctrl-C once 4 of the 12 prompts are answered
+        if num_done >= 4:
+            raise KeyboardInterrupt
+        return advance(self, num_done, *args)
+
+    monkeypatch.setattr(BatchProgress, "advance", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        con.sql(sql)
+    monkeypatch.undo()
+    got = con.sql(sql).fetchall()
+    (stats,) = con.last_stats
+    assert stats.num_cache_hits >= 4 and stats.num_sent == 12 - stats.num_cache_hits
+    fresh = llmudf.connect(config=make_config(cache=False))
+    fresh.execute("CREATE TABLE m AS SELECT 'title ' || i AS title FROM range(12) t(i)")
+    assert sorted(got) == sorted(fresh.sql(sql).fetchall())
+    assert len({g for _t, g in got}) > 1
+
+
+def test_a_call_over_a_categorical_dataframe_column(con):
+    frame = pd.DataFrame({"genre": pd.Categorical(["drama", "comedy", "drama", None])})  # noqa: F841
+    got = con.sql("SELECT genre, llm('Mood?', genre) AS m FROM frame").fetchall()
+    assert con.last_fallback is None and _sent(con) == 3  # drama, comedy, NULL
+    plain = pd.DataFrame({"genre": ["drama", "comedy", "drama", None]})  # noqa: F841
+    assert sorted(got, key=repr) == sorted(
+        con.sql("SELECT genre, llm('Mood?', genre) AS m FROM plain").fetchall(), key=repr
+    )

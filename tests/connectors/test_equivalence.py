@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import llmudf
-from llmudf.config import Config
+from llmudf.calls.config import Config
 
 # ---- data ----------------------------------------------------------------------------------
 

@@ -10,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llmudf.connectors.openai_backend import EndpointError, OpenAIClient
+from llmudf.calls.prompt import ChatPrompt
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.server import EngineServer, ServerConfig
-from llmudf.prompt import ChatPrompt
+from llmudf.runtime.openai_client import EndpointError, OpenAIClient
 
 ENGINE = {"device": "cpu", "num_kv_pages": 512}
 
@@ -40,16 +40,18 @@ def url(port: int) -> str:
 
 def test_backend_answers_equal_in_process(server, tiny_model):
     prompts = [ChatPrompt(f"Rate movie {i}.") for i in range(6)] + [ChatPrompt("x", system=None)]
+    prompts = [p.messages() for p in prompts]
     params = SamplingParams(max_tokens=6)
     local = Engine(EngineConfig(model=tiny_model, **ENGINE))
     expected = local.generate(prompts, params)
-    done = []
+    done, arrived = [], {}
     backend = OpenAIClient(url(server.http_port), model=server.model_id, max_concurrency=3)
-    got = backend.generate(prompts, params, progress=done.append)
+    got = backend.generate(prompts, params, progress=done.append, on_output=arrived.__setitem__)
     assert [o.text for o in got] == [o.text for o in expected]
     assert [o.num_prompt_tokens for o in got] == [o.num_prompt_tokens for o in expected]
     assert [o.num_generated_tokens for o in got] == [o.num_generated_tokens for o in expected]
     assert sum(done) == len(prompts)
+    assert [arrived[i] for i in range(len(prompts))] == got
     choice = backend.generate(prompts[:2], SamplingParams(choices=["yes", "no"]))
     assert [o.text for o in choice] == [
         o.text for o in local.generate(prompts[:2], SamplingParams(choices=["yes", "no"]))
@@ -65,7 +67,7 @@ def free_port() -> int:
 def test_endpoint_down_is_a_clear_error_after_bounded_retries():
     backend = OpenAIClient(url(free_port()), model="m", max_retries=2, backoff=0.01, timeout=5)
     with pytest.raises(EndpointError, match="failed 3 times.*is it up"):
-        backend.generate([ChatPrompt("hi")], SamplingParams())
+        backend.generate([ChatPrompt("hi").messages()], SamplingParams())
     assert backend.num_retries == 2
 
 
@@ -120,7 +122,7 @@ def test_transient_5xx_is_retried_with_backoff(server):
             max_concurrency=1,
         )
         direct = OpenAIClient(url(server.http_port), model=server.model_id)
-        prompt = [ChatPrompt("retry me")]
+        prompt = [ChatPrompt("retry me").messages()]
         assert backend.generate(prompt, SamplingParams(max_tokens=4))[0].text == (
             direct.generate(prompt, SamplingParams(max_tokens=4))[0].text
         )
@@ -133,7 +135,7 @@ def test_transient_5xx_is_retried_with_backoff(server):
 def test_client_errors_are_not_retried(server):
     backend = OpenAIClient(url(server.http_port), model="not-the-model", backoff=0.01)
     with pytest.raises(EndpointError, match="rejected the request \\(404\\).*not-the-model"):
-        backend.generate([ChatPrompt("hi")], SamplingParams())
+        backend.generate([ChatPrompt("hi").messages()], SamplingParams())
     assert backend.num_retries == 0
 
 

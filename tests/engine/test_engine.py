@@ -4,11 +4,11 @@ import pyarrow as pa
 import pytest
 import torch
 
+from llmudf.calls.prompt import ChatPrompt
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.weights import load_model
-from llmudf.prompt import ChatPrompt
 
 GREEDY8 = SamplingParams(max_tokens=8, logprobs=True)
 
@@ -21,14 +21,15 @@ def tiny(tiny_model_dir):
 def make_engine(tiny, **cfg):
     cfg.setdefault("device", "cpu")
     cfg.setdefault("num_kv_pages", 256)
-    return Engine.from_model(*tiny, EngineConfig(**cfg))
+    model, _, tokenizer = tiny
+    return Engine(EngineConfig(**cfg), model=model, tokenizer=tokenizer)
 
 
 def prompts(n=12):
     """Chat prompts sharing a system prompt and, in groups, longer instructions."""
     questions = ["Is it a comedy?", "Is it a drama about a family?", "What year?"]
     return [
-        ChatPrompt(f"{questions[i % 3]}\n\ntitle: Movie {i * 7 % 11}\nyear: {1990 + i}")
+        ChatPrompt(f"{questions[i % 3]}\n\ntitle: Movie {i * 7 % 11}\nyear: {1990 + i}").messages()
         for i in range(n)
     ]
 
@@ -56,7 +57,7 @@ def test_matches_transformers_greedy(tiny_model_dir, tiny, reference):
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = tiny[2]
     for prompt, out in zip(prompts()[:3], reference, strict=False):
-        ids = tokenizer.encode(tokenizer.apply_chat_template(prompt.messages()))
+        ids = tokenizer.encode(tokenizer.apply_chat_template(prompt))
         expected = hf.generate(
             torch.tensor([ids]),
             max_new_tokens=8,
@@ -125,9 +126,10 @@ def test_prompt_kinds_agree(tiny, reference):
     engine = make_engine(tiny)
     tokenizer = tiny[2]
     chats = prompts()[:3]
-    texts = [tokenizer.apply_chat_template(p.messages()) for p in chats]
+    texts = [tokenizer.apply_chat_template(p) for p in chats]
     ids = [tokenizer.encode(t) for t in texts]
-    table = pa.table({"user": [p.user for p in chats], "system": [p.system for p in chats]})
+    system, user = zip(*[(p[0]["content"], p[1]["content"]) for p in chats], strict=True)
+    table = pa.table({"user": list(user), "system": list(system)})
     for kind in (texts, ids, table, pa.table({"prompt": texts})):
         assert answers(engine.generate(kind, GREEDY8)) == answers(reference[:3])
 
@@ -138,12 +140,16 @@ def test_choices_constrain_the_answer(tiny):
     outs = engine.generate(prompts(6), SamplingParams(choices=choices))
     assert all(o.text in choices and o.finish_reason == "stop" for o in outs)
     scores = engine.generate(prompts(6), SamplingParams(choices=["1", "2", "3", "4", "5"]))
-    assert all(o.text in "12345" for o in scores)
-    sampled = [
-        engine.generate(prompts(2), SamplingParams(choices=choices, temperature=1.0, seed=s))
-        for s in (3, 3)
-    ]
-    assert [o.text for o in sampled[0]] == [o.text for o in sampled[1]]
+    assert all(o.text in {"1", "2", "3", "4", "5"} for o in scores)
+
+    def sample(seed: int) -> list[str]:
+        params = SamplingParams(choices=choices, temperature=2.0, seed=seed)
+        return [o.text for o in engine.generate(prompts(2), params)]
+
+    assert sample(3) == sample(3)  # a seed repeats its draw
+    draws = [sample(seed) for seed in range(12)]
+    assert len({tuple(d) for d in draws}) > 1  # and the temperature is not ignored
+    assert all(a in choices for d in draws for a in d)
 
 
 def test_greedy_choices_compute_only_their_tokens_logits_and_pick_the_same(tiny, monkeypatch):
@@ -226,8 +232,12 @@ def test_bad_input_errors(tiny):
         engine.generate(["hi"], [SamplingParams(), SamplingParams()])
     with pytest.raises(TypeError, match="list of prompts"):
         engine.generate("hi")
-    with pytest.raises(TypeError, match="prompt 0 is a dict"):
-        engine.generate([{"user": "hi"}])
+    with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+        engine.generate([{"role": "user", "content": "hi"}])  # one chat, not a list of them
+    with pytest.raises(ValueError, match="prompt 0: message 0 needs a role"):
+        engine.generate([[{"user": "hi"}]])
+    with pytest.raises(TypeError, match="prompt 0 is a float"):
+        engine.generate([0.5])
     with pytest.raises(ValueError, match="'prompt' or 'user' column"):
         engine.generate(pa.table({"text": ["hi"]}))
     assert engine.num_unfinished == 0  # nothing half-queued
@@ -247,19 +257,23 @@ def test_bad_model_path():
 
 @pytest.mark.slow
 def test_default_model_greedy_answers_do_not_depend_on_the_cache():
-    from llmudf.prompt import render_user_message
+    from llmudf.calls.prompt import render_user_message
 
-    model = load_model(None)
+    model, _, tokenizer = load_model(None)
     rows = [("Up", 2009, "Animation"), ("Heat", 1995, "Crime"), ("Up", 2009, "Comedy")]
     chats = [
-        ChatPrompt(render_user_message(q, [("title", t), ("year", y), ("genre", g)]))
+        ChatPrompt(render_user_message(q, [("title", t), ("year", y), ("genre", g)])).messages()
         for q in ("Is this movie for kids? Answer yes or no.", "Name its director.")
         for t, y, g in rows
     ]
     params = SamplingParams(max_tokens=6)
-    cached = Engine.from_model(*model, EngineConfig(kv_cache_bytes=2**28, page_size=1))
-    plain = Engine.from_model(
-        *model, EngineConfig(kv_cache_bytes=2**28, enable_prefix_cache=False, max_num_seqs=1)
+    cached = Engine(
+        EngineConfig(kv_cache_bytes=2**28, page_size=1), model=model, tokenizer=tokenizer
+    )
+    plain = Engine(
+        EngineConfig(kv_cache_bytes=2**28, enable_prefix_cache=False, max_num_seqs=1),
+        model=model,
+        tokenizer=tokenizer,
     )
     with_cache = cached.generate(chats, params)
     assert [o.text for o in with_cache] == [o.text for o in plain.generate(chats, params)]

@@ -11,9 +11,9 @@ import pytest
 
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
+from llmudf.engine.prompts import chat_messages
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.server import EngineServer, ServerConfig
-from llmudf.prompt import ChatPrompt
 
 ENGINE = {"device": "cpu", "num_kv_pages": 512}
 
@@ -56,7 +56,7 @@ def test_completions_equal_in_process(client, server, local_engine):
 def test_chat_equals_in_process(client, server, local_engine):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     expected = local_engine.generate(
-        [ChatPrompt("Hi!", system="Be brief.")], SamplingParams(max_tokens=6)
+        [chat_messages("Hi!", "Be brief.")], SamplingParams(max_tokens=6)
     )
     resp = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=6)
     assert resp.choices[0].message.role == "assistant"
@@ -79,7 +79,7 @@ def test_multi_turn_chat_uses_the_chat_template(client, server, local_engine):
 
 def test_chat_streaming_concatenates_to_the_full_answer(client, server, local_engine):
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    expected = local_engine.generate([ChatPrompt("Stream me", system=None)], params)[0].text
+    expected = local_engine.generate([chat_messages("Stream me")], params)[0].text
     stream = client.chat.completions.create(
         model=server.model_id,
         messages=[{"role": "user", "content": "Stream me"}],

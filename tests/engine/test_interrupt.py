@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 
+from llmudf.calls.prompt import ChatPrompt
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.weights import load_model
-from llmudf.prompt import ChatPrompt
 
 # one more token each, EOS ignored: the requests finish in different steps
 PARAMS = [SamplingParams(max_tokens=2 + i, ignore_eos=True) for i in range(12)]
@@ -24,14 +24,15 @@ def tiny(tiny_model_dir):
 def make_engine(tiny, **cfg):
     cfg.setdefault("device", "cpu")
     cfg.setdefault("num_kv_pages", 256)
-    return Engine.from_model(*tiny, EngineConfig(**cfg))
+    model, _, tokenizer = tiny
+    return Engine(EngineConfig(**cfg), model=model, tokenizer=tokenizer)
 
 
 def prompts(n=12):
     """Chat prompts sharing a system prompt and, in groups, longer instructions."""
     questions = ["Is it a comedy?", "Is it a drama about a family?", "What year?"]
     return [
-        ChatPrompt(f"{questions[i % 3]}\n\ntitle: Movie {i * 7 % 11}\nyear: {1990 + i}")
+        ChatPrompt(f"{questions[i % 3]}\n\ntitle: Movie {i * 7 % 11}\nyear: {1990 + i}").messages()
         for i in range(n)
     ]
 

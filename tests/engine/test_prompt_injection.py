@@ -8,8 +8,8 @@ import random
 
 import pytest
 
+from llmudf.calls.prompt import SYSTEM_PROMPT, ChatPrompt, render_user_message
 from llmudf.engine.tokenizer import Tokenizer
-from llmudf.prompt import SYSTEM_PROMPT, ChatPrompt, render_user_message
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -235,13 +235,13 @@ def test_engine_encodes_forged_chat_prompts_as_plain_text(tiny_model_dir):
 
     engine = Engine(EngineConfig(model=str(tiny_model_dir), device="cpu", num_kv_pages=256))
     tok = engine.tokenizer
-    prompt = ChatPrompt(FORGED_USER, system="Be brief.")
+    prompt = ChatPrompt(FORGED_USER, system="Be brief.").messages()
     expected = (
         [1, *plain(tok, "system\nBe brief."), 2, *plain(tok, "\n"), 1]
         + plain(tok, f"user\n{FORGED_USER}")
         + [2, *plain(tok, "\n"), 1, *plain(tok, "assistant\n")]
     )
-    text = tok.apply_chat_template(prompt.messages())
+    text = tok.apply_chat_template(prompt)
     got, want, raw = engine.generate([prompt, expected, text], SamplingParams(max_tokens=4))
     assert got.num_prompt_tokens == want.num_prompt_tokens == len(expected)
     assert got.token_ids == want.token_ids

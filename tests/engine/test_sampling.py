@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from llmudf.engine.sampling import ChoiceTrie, Sampler, SamplingParams, allowed_tokens
+from llmudf.engine.params import SamplingParams
+from llmudf.engine.sampling import Sampler
 
 GREEDY = SamplingParams()
 
@@ -82,15 +83,3 @@ def test_constraints_mask_everything_else():
     assert tokens[0] == max([5, 9], key=lambda t: logits[0, t])
     assert tokens[1] == logits[1].argmax().item()
     assert tokens[2] == 33
-
-
-def test_choice_trie():
-    trie = ChoiceTrie({"yes": [1, 2], "yesss": [1, 2, 3], "no": [4]})
-    assert sorted(allowed_tokens(trie.root, (0,))) == [1, 4]
-    node = trie.root.children[1].children[2]
-    assert node.choice == "yes"
-    assert sorted(allowed_tokens(node, (0,))) == [0, 3]  # EOS ends "yes", 3 goes on
-    with pytest.raises(ValueError, match="tokenize the same"):
-        ChoiceTrie({"a": [1], "b": [1]})
-    with pytest.raises(ValueError, match="no tokens"):
-        ChoiceTrie.build(["x"], lambda s: [])

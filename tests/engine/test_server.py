@@ -11,15 +11,16 @@ import pytest
 
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
-from llmudf.engine.flight_client import EngineServerError, FlightEngineClient
+from llmudf.engine.flight_client import FlightEngineClient
+from llmudf.engine.node import EngineServerError
+from llmudf.engine.prompts import chat_messages
 from llmudf.engine.sampling import SamplingParams
 from llmudf.engine.server import EngineServer, ServerConfig
 from llmudf.engine.service import EngineService
-from llmudf.prompt import ChatPrompt
 
 PARAMS = SamplingParams(max_tokens=6)
-PROMPTS = [ChatPrompt(f"Describe movie number {i}.", system="Be short.") for i in range(5)]
-PROMPTS += [ChatPrompt("No system prompt here.", system=None), "<|im_start|>user\nraw text"]
+PROMPTS = [chat_messages(f"Describe movie number {i}.", "Be short.") for i in range(5)]
+PROMPTS += [chat_messages("No system prompt here."), "<|im_start|>user\nraw text"]
 
 
 def engine_fields(model_dir) -> dict:
@@ -116,12 +117,12 @@ def test_malformed_batches_get_clear_errors_and_server_stays_up(server, table, c
 def test_too_long_prompt_is_a_clear_error_others_still_answered(server):
     client = FlightEngineClient(server.location)
     with pytest.raises(ValueError, match="1 prompt\\(s\\) failed.*prompt 1"):
-        client.generate([ChatPrompt("ok"), ChatPrompt("x" * 5000)], PARAMS)
-    assert len(client.generate([ChatPrompt("ok")], PARAMS)) == 1
+        client.generate([chat_messages("ok"), chat_messages("x" * 5000)], PARAMS)
+    assert len(client.generate([chat_messages("ok")], PARAMS)) == 1
 
 
 def test_burst_of_concurrent_clients_all_answered(server, local_engine):
-    prompts = [ChatPrompt(f"Client question {i}") for i in range(16)]
+    prompts = [chat_messages(f"Client question {i}") for i in range(16)]
     expected = texts(local_engine.generate(prompts, PARAMS))
     got: dict[int, str] = {}
 
@@ -145,8 +146,8 @@ def flood_then_few(tiny_model_dir, fair: bool) -> int:
     ).start()
     assert service.wait_ready(120)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    flood = service.submit("flood", [ChatPrompt(f"flood {i}") for i in range(40)], params)
-    few = service.submit("few", [ChatPrompt("few 0"), ChatPrompt("few 1")], params)
+    flood = service.submit("flood", [chat_messages(f"flood {i}") for i in range(40)], params)
+    few = service.submit("few", [chat_messages("few 0"), chat_messages("few 1")], params)
     for _ in range(2):
         assert few.results.get(timeout=120).error is None
     num_flood_done = service.num_served - 2
@@ -170,7 +171,7 @@ def test_graceful_shutdown_finishes_in_flight_work_then_refuses(tiny_model_dir):
     config = ServerConfig(model=fields.pop("model"), port=0, engine=fields, drain_timeout=60)
     srv = EngineServer(config).start()
     assert srv.service.wait_ready(120)
-    prompts = [ChatPrompt(f"in flight {i}") for i in range(12)]
+    prompts = [chat_messages(f"in flight {i}") for i in range(12)]
     results: list = []
     client = FlightEngineClient(srv.location)
     worker = threading.Thread(target=lambda: results.extend(client.generate(prompts, PARAMS)))
@@ -189,7 +190,7 @@ def test_shutdown_without_drain_returns_in_flight_work_as_errors(tiny_model_dir)
         lambda: Engine(EngineConfig(**engine_fields(tiny_model_dir))), max_in_engine=2
     ).start()
     assert service.wait_ready(120)
-    call = service.submit("c", [ChatPrompt(f"q{i}") for i in range(20)], PARAMS)
+    call = service.submit("c", [chat_messages(f"q{i}") for i in range(20)], PARAMS)
     service.shutdown(drain_timeout=0)
     results = [call.results.get(timeout=10) for _ in range(20)]
     errors = [r.error for r in results if r.error]

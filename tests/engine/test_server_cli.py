@@ -5,6 +5,7 @@ SIGTERM (exit code 0, state file removed)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,11 +16,11 @@ import pytest
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.flight_client import FlightEngineClient
+from llmudf.engine.prompts import chat_messages
 from llmudf.engine.sampling import SamplingParams
-from llmudf.prompt import ChatPrompt
 
 ENGINE = {"num_kv_pages": 256}
-PROMPTS = [ChatPrompt(f"Describe movie number {i}.") for i in range(3)]
+PROMPTS = [chat_messages(f"Describe movie number {i}.") for i in range(3)]
 
 
 def wait_for_state(path, proc, timeout: float = 120.0) -> dict:
@@ -38,7 +39,10 @@ def wait_for_state(path, proc, timeout: float = 120.0) -> dict:
 
 
 def test_serve_cli_answers_over_flight_and_http_then_stops(tiny_model_dir, tmp_path):
-    openai = pytest.importorskip("openai")
+    if os.environ.get("CI"):  # in CI a missing extra fails the test, never skips it
+        import openai
+    else:
+        openai = pytest.importorskip("openai")
     socket_path, state_path = tmp_path / "engine.sock", tmp_path / "state.json"
     cmd = [sys.executable, "-m", "llmudf.cli", "serve", "--model", str(tiny_model_dir)]
     cmd += ["--socket", str(socket_path), "--http-port", "0", "--device", "cpu"]
@@ -60,7 +64,7 @@ def test_serve_cli_answers_over_flight_and_http_then_stops(tiny_model_dir, tmp_p
         assert [m.id for m in http.models.list()] == [str(tiny_model_dir)]
         chat = http.chat.completions.create(
             model=str(tiny_model_dir),
-            messages=PROMPTS[0].messages(),
+            messages=PROMPTS[0],
             max_tokens=5,
             temperature=0,
         )

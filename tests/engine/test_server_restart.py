@@ -14,11 +14,12 @@ import pytest
 
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
-from llmudf.engine.flight_client import EngineServerError, FlightEngineClient, node_server
+from llmudf.engine.flight_client import FlightEngineClient
+from llmudf.engine.node import EngineServerError, node_server
+from llmudf.engine.prompts import chat_messages
 from llmudf.engine.sampling import SamplingParams
-from llmudf.prompt import ChatPrompt
 
-PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+PARAMS = SamplingParams(max_tokens=48, ignore_eos=True)
 ENGINE = {"device": "cpu", "num_kv_pages": 512, "max_num_seqs": 4}
 
 
@@ -36,7 +37,8 @@ def isolated_cache(tmp_path, monkeypatch):
 def test_killed_server_mid_query_is_replaced_and_the_answers_are_complete(
     tiny_model_dir, isolated_cache
 ):
-    prompts = [ChatPrompt(f"Question {i} about a film.") for i in range(24)]
+    # enough work that the kill lands mid-query (4 sequences at a time, 16 rounds of 48 tokens)
+    prompts = [chat_messages(f"Question {i} about a film.") for i in range(64)]
     local = Engine(EngineConfig(model=str(tiny_model_dir), **ENGINE))
     expected = [o.text for o in local.generate(prompts, PARAMS)]
 
@@ -69,11 +71,11 @@ def test_dead_explicit_server_is_a_clear_error(tiny_model_dir, isolated_cache):
     state = node_server(str(tiny_model_dir), ENGINE, timeout=300)
     isolated_cache.append(state["pid"])
     client = FlightEngineClient(state["location"])
-    assert len(client.generate([ChatPrompt("hi")], SamplingParams(max_tokens=2))) == 1
+    assert len(client.generate([chat_messages("hi")], SamplingParams(max_tokens=2))) == 1
     os.kill(state["pid"], signal.SIGKILL)
     time.sleep(0.2)
     with pytest.raises(EngineServerError, match="not answering.*llmudf serve"):
-        client.generate([ChatPrompt("hi")], SamplingParams(max_tokens=2))
+        client.generate([chat_messages("hi")], SamplingParams(max_tokens=2))
 
 
 def test_server_that_cannot_start_says_why(tmp_path, isolated_cache):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmudf.kernels import AttentionMetadata, paged_attention, store_kv
+from llmudf.kernels import AttentionMetadata, AttentionPlan, paged_attention, store_kv
 
 
 def dense_reference(q, k, v, scale):
@@ -19,9 +19,12 @@ def dense_reference(q, k, v, scale):
     return out.transpose(0, 1)
 
 
-def run_batch(query_lens, seq_lens, num_heads, num_kv_heads, page_size, head_dim=8, seed=0):
+def run_batch(
+    query_lens, seq_lens, num_heads, num_kv_heads, page_size, head_dim=8, seed=0, plan=False
+):
     """Store each sequence's cached prefix in one step, then attend with its new tokens in a
-    mixed batch over randomly placed pages; compare with the dense reference."""
+    mixed batch over randomly placed pages; compare with the dense reference. `plan`: build
+    the step's AttentionPlan first and pass it, as the model runner does."""
     gen = torch.Generator().manual_seed(seed)
     num_pages = sum(-(-n // page_size) for n in seq_lens) + 3
     k_cache = torch.zeros(num_pages, page_size, num_kv_heads, head_dim)
@@ -45,7 +48,10 @@ def run_batch(query_lens, seq_lens, num_heads, num_kv_heads, page_size, head_dim
     new_v = torch.cat([v[n - q :] for v, n, q in zip(values, seq_lens, query_lens, strict=True)])
     store_kv(new_k, new_v, k_cache, v_cache, meta.slot_mapping)
     q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen)
-    out = paged_attention(q, k_cache, v_cache, meta, scale=head_dim**-0.5)
+    step_plan = None
+    if plan:
+        step_plan = AttentionPlan.build(meta, page_size, num_heads, num_kv_heads, q.dtype)
+    out = paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5, step_plan)
     starts = meta.cu_seqlens_q.tolist()
     for b in range(len(seq_lens)):
         qb = q[starts[b] : starts[b + 1]]
@@ -108,6 +114,28 @@ def test_metadata_build_computes_slots_and_offsets():
 def test_metadata_build_rejects_bad_input(query_lens, seq_lens, tables, match):
     with pytest.raises(ValueError, match=match):
         AttentionMetadata.build(query_lens, seq_lens, tables, page_size=4)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 1)])
+def test_a_plan_built_once_for_the_step_gives_the_same_attention(num_heads, num_kv_heads):
+    # padded short prefill chunks, a long prefill, decodes: every part of the plan
+    lens = ([7, 5, 3, 4, 1, 1, 40], [7, 12, 20, 20, 9, 30, 40])
+    run_batch(*lens, num_heads, num_kv_heads, page_size=4, plan=True)
+
+
+def test_a_plan_for_other_shapes_is_rejected():
+    meta = AttentionMetadata.build([2, 1], [5, 3], [[4, 1], [2]], page_size=4)
+    cache = torch.zeros(5, 4, 2, 8)
+    q = torch.zeros(3, 4, 8)
+    plan = AttentionPlan.build(meta, page_size=4, num_heads=4, num_kv_heads=2)
+    assert paged_attention(q, cache, cache, meta, 1.0, plan).shape == q.shape
+    for other in (
+        AttentionPlan.build(meta, page_size=1, num_heads=4, num_kv_heads=2),
+        AttentionPlan.build(meta, page_size=4, num_heads=2, num_kv_heads=2),
+        AttentionPlan.build(meta, page_size=4, num_heads=4, num_kv_heads=2, dtype=torch.bfloat16),
+    ):
+        with pytest.raises(ValueError, match="the attention plan is for"):
+            paged_attention(q, cache, cache, meta, 1.0, other)
 
 
 def test_query_heads_must_be_a_multiple_of_kv_heads():

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 import llmudf
-from llmudf.client import InProcessClient, get_client
-from llmudf.config import Config
-from llmudf.connectors.openai_backend import OpenAIClient
+from llmudf.calls.config import Config
 from llmudf.engine.flight_client import FlightEngineClient
 from llmudf.engine.server import EngineServer, ServerConfig
+from llmudf.runtime.client import InProcessClient, get_client
+from llmudf.runtime.openai_client import OpenAIClient
 
 QUERY = (
     "SELECT t, llm('Summarize.', t) AS s, llm_filter('Keep?', t) AS k, "

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from llmudf.cache import CacheWarning, ResultCache, cache_key
-from llmudf.prompt import ChatPrompt
+from llmudf.calls.prompt import ChatPrompt
+from llmudf.runtime.cache import CacheWarning, ResultCache, cache_key
 
 
 def test_key_covers_model_decoding_and_prompt():
@@ -36,7 +36,7 @@ def test_a_failed_batch_leaves_no_entry(tmp_path):
 def test_entries_are_shared_across_processes(tmp_path):
     ResultCache(tmp_path).put_many({"here": "parent"})
     code = (
-        "import sys; from llmudf.cache import ResultCache; c = ResultCache(sys.argv[1]); "
+        "import sys; from llmudf.runtime.cache import ResultCache; c = ResultCache(sys.argv[1]); "
         "print(c.get_many(['here'])['here']); c.put_many({'there': 'child'})"
     )
     out = subprocess.run(
@@ -49,7 +49,7 @@ def test_entries_are_shared_across_processes(tmp_path):
 def test_two_processes_writing_at_once_lose_no_batch(tmp_path):
     ResultCache(tmp_path)  # both writers open an existing WAL file
     code = (
-        "import sys; from llmudf.cache import ResultCache; c = ResultCache(sys.argv[1]); "
+        "import sys; from llmudf.runtime.cache import ResultCache; c = ResultCache(sys.argv[1]); "
         "[c.put_many({f'{sys.argv[2]}{b}-{i}': 'x' * 100 for i in range(50)}) for b in range(40)]"
     )
     writers = [
@@ -65,7 +65,7 @@ def test_two_processes_writing_at_once_lose_no_batch(tmp_path):
 def test_replacing_the_weights_at_the_same_path_changes_the_model_id(tmp_path):
     import os
 
-    from llmudf.paths import weights_id
+    from llmudf.runtime.paths import weights_id
 
     (tmp_path / "config.json").write_text("{}")
     weights = tmp_path / "model.safetensors"

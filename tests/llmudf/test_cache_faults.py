@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from llmudf.cache import CacheWarning, ResultCache
-from llmudf.client import get_client
-from llmudf.executor import run_call
-from llmudf.functions import bind_call
+from llmudf.calls.functions import bind_call
+from llmudf.runtime.cache import CacheWarning, ResultCache
+from llmudf.runtime.client import get_client
+from llmudf.runtime.executor import run_call
 
 ANSWERS = {f"k{i}": f"answer {i} " + "x" * 1000 for i in range(300)}  # ~80 leaf pages
 READ_ONLY = "attempt to write a readonly database"
@@ -238,7 +238,7 @@ def test_a_read_only_directory_serves_a_full_cache(full_cache):
 
 READ_ONLY_SCRIPT = """
 import json, sys, warnings
-from llmudf.cache import ResultCache
+from llmudf.runtime.cache import ResultCache
 with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
     cache = ResultCache(sys.argv[1])

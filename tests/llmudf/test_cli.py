@@ -5,9 +5,9 @@ import sys
 import duckdb
 import pytest
 
-from llmudf import paths
 from llmudf.cli import DEFAULT_MODEL_NOTE, DEMO_QUERIES, main
-from llmudf.client import InProcessClient
+from llmudf.runtime import paths
+from llmudf.runtime.client import InProcessClient
 
 
 def test_sql_prints_the_result_table_and_stats(tiny_model_path, capsys, tmp_path):
@@ -23,7 +23,11 @@ def test_sql_prints_the_result_table_and_stats(tiny_model_path, capsys, tmp_path
     assert "llm_filter #1 in SELECT: 3 rows -> 2 prompts" in "\n".join(out)
 
 
-def test_sql_explain_runs_no_model(tiny_model_path, capsys):
+def test_sql_explain_runs_no_model(tiny_model_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("--explain loaded the model")
+
+    monkeypatch.setattr("llmudf.engine.weights.load_model", no_model)
     query = "SELECT llm('Q', t) FROM (VALUES ('x'), ('x'), ('y')) v(t)"
     assert main(["sql", "--explain", query, "--model", tiny_model_path]) == 0
     assert "rows 3 -> 2 prompts after dedup" in capsys.readouterr().out
@@ -125,7 +129,9 @@ def test_demo_loads_the_model_before_timing_queries(tiny_model_path, monkeypatch
         built_before_generate.append(self._engine is not None)
         return generate(self, *args, **kwargs)
 
-    monkeypatch.setattr("llmudf.client._CLIENTS", {})  # a fresh client: the model not loaded
+    monkeypatch.setattr(
+        "llmudf.runtime.client._CLIENTS", {}
+    )  # a fresh client: the model not loaded
     monkeypatch.setattr(InProcessClient, "generate", recording_generate)
     assert main(["demo", "--model", tiny_model_path, "--rows", "6"]) == 0
     out = capsys.readouterr().out.splitlines()

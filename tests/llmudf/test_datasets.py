@@ -69,7 +69,7 @@ def test_movies_loads_an_llmudf_connection(tiny_model_path):
 
 
 def test_missing_sample_data_names_the_install_command(monkeypatch):
-    monkeypatch.setattr("llmudf.paths.package_dir", lambda name: None)
+    monkeypatch.setattr("llmudf.runtime.paths.package_dir", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps bokeh-sampledata"):
         datasets.read_movies(1)
 

@@ -1,10 +1,10 @@
 import pyarrow as pa
 import pytest
 
-from llmudf.cache import ResultCache
-from llmudf.client import get_client
-from llmudf.executor import run_call
-from llmudf.functions import LLMCallError, bind_call
+from llmudf.calls.functions import LLMCallError, bind_call
+from llmudf.runtime.cache import ResultCache
+from llmudf.runtime.client import get_client
+from llmudf.runtime.executor import run_call
 
 TITLES = [
     "a long title about a detective in a rainy city",
@@ -35,6 +35,7 @@ def test_answers_do_not_depend_on_the_plan(make_config, fields):
     a = run_call(spec, "Q", fields, optimized, get_client(optimized)).answers
     b = run_call(spec, "Q", fields, naive, get_client(naive))
     assert a.to_pylist() == b.answers.to_pylist()
+    assert len(set(a.to_pylist())) > 1  # answers vary, so the equality means something
     assert b.stats.num_sent == 5
 
 
@@ -80,20 +81,6 @@ class Interrupting:
         return self.client.generate(prompts, params, progress=interrupt, on_output=on_output)
 
 
-class WithoutOnOutput:
-    """A client of the plain interface (no `on_output`), like a third-party one."""
-
-    def __init__(self, client):
-        self.client = client
-
-    @property
-    def model_id(self) -> str:
-        return self.client.model_id
-
-    def generate(self, prompts, params, progress=None):
-        return self.client.generate(prompts, params, progress=progress)
-
-
 MOVIES = pa.table(
     {"title": [f"movie number {i}" for i in range(12)], "year": list(range(1990, 2002))}
 )
@@ -127,24 +114,3 @@ def test_an_interrupted_call_keeps_its_answers_and_a_rerun_sends_only_the_rest(
     fresh = run_call(spec, "Q", MOVIES, uninterrupted, get_client(uninterrupted))
     assert rerun.answers.equals(fresh.answers)
     assert len(set(fresh.answers.to_pylist())) > 1
-
-
-def test_a_client_without_on_output_still_answers_and_keeps_nothing_on_interrupt(
-    tiny_config, tmp_path
-):
-    spec = bind_call("llm")
-    client = get_client(tiny_config)
-    cache = ResultCache(tmp_path / "plain")
-    plain = run_call(spec, "Q", MOVIES, tiny_config, WithoutOnOutput(client))
-    assert plain.answers.equals(run_call(spec, "Q", MOVIES, tiny_config, client).answers)
-    with pytest.raises(KeyboardInterrupt):
-        run_call(
-            spec,
-            "Q",
-            MOVIES,
-            tiny_config,
-            WithoutOnOutput(Interrupting(client, KeyboardInterrupt())),
-            cache,
-        )
-    assert len(cache) == 0
-    assert client.engine.num_unfinished == 0

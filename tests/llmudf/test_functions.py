@@ -3,8 +3,8 @@ from decimal import Decimal
 
 import pytest
 
-from llmudf.config import Config
-from llmudf.functions import LLMCallError, bind_call, is_options, parse_json_answer
+from llmudf.calls.config import Config
+from llmudf.calls.functions import LLMCallError, bind_call, is_options, parse_json_answer
 
 
 def test_typed_functions_decode_constrained_choices():

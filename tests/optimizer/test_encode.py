@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from llmudf.calls.prompt import format_value
 from llmudf.optimizer.encode import NULL, encode, group_fields
-from llmudf.prompt import format_value
 
 
 def test_codes_follow_rendered_text():

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmudf.calls.prompt import ChatPrompt
 from llmudf.optimizer import estimate_cost, plan_call, prefix_hit_rate, prefix_hits
-from llmudf.prompt import ChatPrompt
 
 
 def byte_tokenize(texts):

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmudf.calls.prompt import render_template, render_user_message
 from llmudf.optimizer import PlanOptions, plan_call, prefix_hit_rate
-from llmudf.prompt import render_template, render_user_message
 
 Q = "Is this movie suitable for children?"
 

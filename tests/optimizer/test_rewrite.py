@@ -12,9 +12,10 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from llmudf.functions import FUNCTIONS
-from llmudf.optimizer.rewrite import ANSWER, FOUND, QueryRewrite, UnsupportedQuery
-from llmudf.prompt import render_fields
+from llmudf.calls.functions import FUNCTIONS
+from llmudf.calls.prompt import render_fields
+from llmudf.optimizer.rewrite import AnswerStep, Probe, QueryRewrite, UnsupportedQuery
+from llmudf.runtime.query_driver import drive
 
 
 def _oracle(name: str, instruction: str, fields: list[tuple[str, object]]):
@@ -79,32 +80,26 @@ def con():
 
 
 def _rewritten(con, sql: str, assume_pass: bool = False):
-    rewrite = QueryRewrite(sql, "duckdb")
-    sent = []
+    """(final SQL, [AnsweredCall, ...]) of the rewrite driven through `con`, the oracle
+    answering."""
 
-    def answer(site, args: pa.Table) -> str:
-        sent.append((site, args.num_rows))
-        columns = iter(args.columns)
-        instr = site.instruction
-        instructions = [instr] * args.num_rows if isinstance(instr, str) else next(columns)
-        values = {}
-        for name, value in site.fields:
-            values[name] = (
-                next(columns).to_pylist() if hasattr(value, "sql") else [value] * len(args)
-            )
+    def answer(step, call) -> pa.Array:
+        site = step.site
+        instructions = call.instruction
+        if isinstance(instructions, str):
+            instructions = [instructions] * call.num_tuples
+        rows = call.fields.to_pylist()
         answers = [
-            _oracle(site.name, str(instructions[i]), [(n, v[i]) for n, v in values.items()])
-            for i in range(args.num_rows)
+            _oracle(site.name, str(i), list(row.items()))
+            for i, row in zip(instructions, rows, strict=True)
         ]
-        table = args.append_column(
-            ANSWER, pa.array(answers, site.spec.function.arrow_type)
-        ).append_column(FOUND, pa.array([True] * args.num_rows))
-        name = f"__llm_answers_{len(sent)}_{id(rewrite)}"
-        con.register(name, table)
-        return name
+        return pa.array(answers, site.spec.function.arrow_type)
 
-    final = rewrite.run(lambda q: con.sql(q).to_arrow_table(), answer, assume_pass=assume_pass)
-    return final, sent
+    def run_sql(sql: str) -> pa.Table:
+        return con.sql(sql).to_arrow_table()
+
+    done = drive(QueryRewrite(sql, "duckdb"), run_sql, answer, con.register, assume_pass)
+    return done.sql, list(done.calls)
 
 
 SHAPES = [
@@ -150,26 +145,24 @@ def test_rewrite_returns_what_the_udf_path_returns(con, sql):
     udf_sql = QueryRewrite(sql, "duckdb").udf_sql()
     expected = sorted(map(repr, con.sql(udf_sql).fetchall()))
     UDF_CALLS.clear()
-    final, sent = _rewritten(con, sql)
+    final, calls = _rewritten(con, sql)
     got = sorted(map(repr, con.sql(final).fetchall()))
     assert got == expected
-    assert sent, "the rewrite answered no call site"
+    assert calls, "the rewrite answered no call site"
     assert sum(UDF_CALLS) == 0, "a row missed the answers and fell back to the UDF"
 
 
 def test_rows_are_deduplicated_and_filters_pushed_below(con):
     sql = "SELECT id FROM movies WHERE year > 1990 AND llm_filter('Kids?', title, rating)"
-    _final, sent = _rewritten(con, sql)
-    ((site, num_distinct),) = sent
-    assert (site.num_rows, num_distinct) == (7, 5)  # Up x2, Heat x2 among 7 rows after 1990
-    assert site.pushed == ["filter year > 1990"]
+    _final, (call,) = _rewritten(con, sql)
+    assert (call.num_rows, call.num_distinct) == (7, 5)  # Up x2, Heat x2 among 7 rows after 1990
+    assert call.step.pushed == ("filter year > 1990",)
 
 
 def test_second_llm_filter_sees_only_survivors_of_the_first(con):
     sql = "SELECT id FROM movies WHERE llm_filter('A?', title) AND llm_filter('Fun?', genre)"
-    _final, sent = _rewritten(con, sql)
-    (first, _), (second, _) = sent
-    assert first.fields[0][0] == "genre"  # 5 distinct genres (NULL too) before 7 titles
+    _final, (first, second) = _rewritten(con, sql)
+    assert first.step.site.fields[0][0] == "genre"  # 5 distinct genres (NULL too) before 7 titles
     genres = [g for (g,) in con.sql("SELECT genre FROM movies").fetchall()]
     survivors = sum(_oracle("llm_filter", "Fun?", [("genre", g)]) for g in genres)
     assert (first.num_rows, second.num_rows) == (10, survivors)
@@ -177,16 +170,15 @@ def test_second_llm_filter_sees_only_survivors_of_the_first(con):
 
 
 def test_limit_is_pushed_below_the_select_call(con):
-    _final, sent = _rewritten(con, "SELECT id, llm('S', title) FROM movies ORDER BY id LIMIT 3")
-    ((site, num_distinct),) = sent
-    assert (site.num_rows, num_distinct) == (3, 2)  # Up, Heat, Up
-    assert site.pushed == ["limit 3"]
+    _final, (call,) = _rewritten(con, "SELECT id, llm('S', title) FROM movies ORDER BY id LIMIT 3")
+    assert (call.num_rows, call.num_distinct) == (3, 2)  # Up, Heat, Up
+    assert call.step.pushed == ("limit 3",)
 
 
 def test_limit_over_an_llm_order_is_not_pushed(con):
     sql = "SELECT id, llm('S', title) AS a FROM movies ORDER BY a LIMIT 2"
-    _final, sent = _rewritten(con, sql)
-    assert sent[0][0].num_rows == 10
+    _final, calls = _rewritten(con, sql)
+    assert calls[0].num_rows == 10
 
 
 def test_canonical_form_names_fields(con):
@@ -220,8 +212,8 @@ def test_unsupported_shapes_say_so(con):
 
 def test_select_without_from_runs_over_one_row(con):
     sql = "SELECT llm('Capital?', {'country': 'France'}) AS a"
-    final, sent = _rewritten(con, sql)
-    assert [n for _site, n in sent] == [1]
+    final, calls = _rewritten(con, sql)
+    assert [c.num_distinct for c in calls] == [1]
     assert con.sql(final).fetchall() == con.sql(QueryRewrite(sql).udf_sql()).fetchall()
     assert UDF_CALLS == [1]  # the reference run only: the final query found the answer
 
@@ -232,3 +224,50 @@ def test_call_on_a_group_key_is_looked_up_once_per_group(con):
     final, _sent = _rewritten(con, sql)
     assert sorted(map(repr, con.sql(final).fetchall())) == expected
     assert "ANY_VALUE" in final
+
+
+def test_the_plan_runs_nothing_and_probe_counts_decide_the_filter_order():
+    sql = "SELECT id FROM movies WHERE llm_filter('A?', title) AND llm_filter('B?', genre)"
+    rewrite = QueryRewrite(sql, "duckdb")
+    for counts, first in (((1, 50), "A?"), ((50, 1), "B?")):
+        steps = rewrite.steps()
+        probes = [next(steps), steps.send(counts[0])]
+        assert all(isinstance(p, Probe) and "COUNT(*)" in p.sql for p in probes)
+        answer = steps.send(counts[1])
+        assert isinstance(answer, AnswerStep) and answer.site.instruction == first
+        second = steps.send(None)
+        assert answer.table in second.args_sql  # runs on the first filter's survivors
+        with pytest.raises(StopIteration) as stop:
+            steps.send(None)
+        assert answer.table in stop.value.value and second.table in stop.value.value
+    assert rewrite.udf_sql() == QueryRewrite(sql, "duckdb").udf_sql()  # its tree is untouched
+
+
+@pytest.mark.parametrize(
+    ("dialect", "fallback"),
+    [
+        ("duckdb", "LLM(CASE WHEN __llm_1.__llm_found THEN NULL ELSE 'S' END, CASE WHEN "
+         "__llm_1.__llm_found THEN NULL ELSE {'title': title} END)"),
+        ("spark", "LLM(IF(__llm_1.__llm_found, NULL, 'S'), IF(__llm_1.__llm_found, NULL, "
+         "STRUCT(title AS `title`)))"),
+    ],
+)  # fmt: skip
+def test_found_rows_pass_nulls_to_the_per_chunk_fallback(dialect, fallback):
+    steps = QueryRewrite("SELECT llm('S', title) AS s FROM movies", dialect).steps()
+    next(steps)
+    with pytest.raises(StopIteration) as stop:
+        steps.send(None)
+    assert fallback in stop.value.value
+
+
+@pytest.mark.parametrize(
+    ("sql", "dialect"),
+    [
+        ("SELECT llm('S', {'r': random()}) FROM movies", "duckdb"),
+        ("SELECT ID, llm('S', Title) FROM movies WHERE rand() < 0.5", "spark"),
+        ("SELECT llm('S', Title), monotonically_increasing_id() FROM movies", "spark"),
+    ],
+)
+def test_a_nondeterministic_query_is_not_rewritten(sql, dialect):
+    with pytest.raises(UnsupportedQuery, match="differs between the stages"):
+        QueryRewrite(sql, dialect).steps()

@@ -28,8 +28,9 @@ class Config:
     (`endpoint` = its base URL, e.g. "http://127.0.0.1:8000/v1"; `api_key`, default
     $OPENAI_API_KEY). Spark tasks always use a server: the node's, unless backend says
     otherwise.
-    cache / cache_dir: the persistent result cache (default dir: `llmudf.paths.result_cache_dir()`).
-    progress: show a progress bar while a batch runs (only ever on a terminal).
+    cache / cache_dir: the persistent result cache (default dir:
+    `llmudf.runtime.paths.result_cache_dir()`).
+    progress: show a progress bar while a batch runs (on a terminal or in a notebook).
     rewrite: optimize each query as a whole (False = per-chunk UDF only).
     dedup: send each distinct prompt once. reorder_rows: send prompts that share prefixes
     one after another. reorder_fields: also reorder the fields inside each prompt (GGR); off

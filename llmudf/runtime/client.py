@@ -1,36 +1,37 @@
 """Engine clients: "something that answers prompts", behind one small interface.
 
-`EngineClient.generate(prompts, params, progress=None) -> list[Output]` answers a batch of
-`ChatPrompt`s (in order); `progress(n)` is called as n more answers finish. A client may also
-take `on_output(index, output)`, called as each prompt is answered, so that a batch that
-fails or is interrupted half-way still hands over the answers it has (`generate_partial`
-passes it to clients that take it). `model_id` names the model in result-cache keys, so
-every client of the same model shares answers.
+`EngineClient.generate(prompts, params, progress=None, on_output=None) -> list[Output]`
+answers a batch of chats (message lists `[{"role": ..., "content": ...}]`, in order; the
+engine's prompt contract, engine/prompts.py). `progress(n)` is called as n more answers
+finish, and `on_output(index, output)` as each prompt is answered, so that a batch that fails
+or is interrupted half-way still hands over the answers it has. `model_id` names the model
+in result-cache keys, so every client of the same model shares answers.
 `InProcessClient` runs an `Engine` in this process, built on first use and shared by every
 client of the same model config; `get_client(config)` picks the client for a Config's
 `backend`: in-process, an engine server over Arrow Flight (`FlightEngineClient`), or an
 OpenAI-compatible endpoint (`OpenAIClient`).
 
 >>> client = get_client(Config())                                     # doctest: +SKIP
->>> client.generate([ChatPrompt("Capital of France?")], SamplingParams())[0].text  # doctest: +SKIP
+>>> chat = ChatPrompt("Capital of France?").messages()
+>>> client.generate([chat], SamplingParams())[0].text               # doctest: +SKIP
 'Paris'
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from llmudf.config import Config
-from llmudf.paths import weights_id
-from llmudf.prompt import ChatPrompt
+from llmudf.calls.config import Config
+from llmudf.engine.flight_client import FlightEngineClient
+from llmudf.runtime.paths import weights_id
 
 if TYPE_CHECKING:
-    from llmudf.engine.request import Output
+    from llmudf.engine.params import Output
 
+Chat = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": str}]
 Progress = Callable[[int], None]
 OnOutput = Callable[[int, "Output"], None]  # (prompt index, its Output)
 
@@ -40,25 +41,13 @@ class EngineClient(Protocol):
     @property
     def model_id(self) -> str: ...
 
-    def generate(self, prompts: list[ChatPrompt], params, progress: Progress | None = None): ...
-
-
-def generate_partial(
-    client: EngineClient,
-    prompts: list[ChatPrompt],
-    params,
-    progress: Progress | None = None,
-    on_output: OnOutput | None = None,
-) -> list[Output]:
-    """`client.generate`, also passing `on_output` if the client takes it (it is optional in
-    the interface: a client without it reports nothing until the whole batch is done).
-
-    >>> done = {}  # prompt index -> Output, kept if the batch is interrupted
-    >>> generate_partial(client, prompts, params, on_output=done.__setitem__)  # doctest: +SKIP
-    """
-    if on_output is not None and _takes(client.generate, "on_output"):
-        return client.generate(prompts, params, progress=progress, on_output=on_output)
-    return client.generate(prompts, params, progress=progress)
+    def generate(
+        self,
+        prompts: list[Chat],
+        params,
+        progress: Progress | None = None,
+        on_output: OnOutput | None = None,
+    ) -> list[Output]: ...
 
 
 class InProcessClient:
@@ -96,7 +85,7 @@ class InProcessClient:
 
     def generate(
         self,
-        prompts: list[ChatPrompt],
+        prompts: list[Chat],
         params,
         progress: Progress | None = None,
         on_output: OnOutput | None = None,
@@ -106,6 +95,14 @@ class InProcessClient:
             if not prompts:
                 return []
             return engine.generate(list(prompts), params, progress=progress, on_output=on_output)
+
+
+class ServerClient(FlightEngineClient):
+    """An engine server's Flight client, named in result-cache keys by its model's weights."""
+
+    @property
+    def model_id(self) -> str:
+        return weights_id(self.model)
 
 
 _CLIENTS: dict[str, EngineClient] = {}
@@ -131,20 +128,28 @@ def get_client(config: Config) -> EngineClient:
         return client
 
 
-def _takes(function: Callable, name: str) -> bool:
-    parameters = inspect.signature(function).parameters.values()
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
-
-
 def _new_client(config: Config) -> EngineClient:
     if config.backend == "server":
-        from llmudf.engine.flight_client import FlightEngineClient
-
         # endpoint None: this machine's server for the model, started on first use
-        return FlightEngineClient(config.endpoint, model=config.model, engine=config.engine)
+        return ServerClient(config.endpoint, model=config.model, engine=config.engine)
     if config.backend == "openai":
-        from llmudf.connectors.openai_backend import OpenAIClient, first_model
+        from llmudf.runtime.openai_client import OpenAIClient, first_model
 
         model = config.model or first_model(config.endpoint, config.api_key)
         return OpenAIClient(config.endpoint, model, api_key=config.api_key)
     return InProcessClient(config.model, config.engine)
+
+
+def explain_tokenizer(config: Config):
+    """(tokenize, render) for EXPLAIN: the model's tokenizer and its chat template around a
+    user message, or (None, None) when there is no tokenizer without loading a model (then
+    EXPLAIN counts characters)."""
+    from llmudf.calls.prompt import ChatPrompt
+
+    try:
+        tokenizer = get_client(config).tokenizer
+    except Exception:
+        return None, None
+    return tokenizer.encode_batch, lambda user: tokenizer.apply_chat_template(
+        ChatPrompt(user).messages()
+    )

@@ -8,7 +8,8 @@ constraints go out as `guided_choice` (vLLM / SGLang / llmudf); an endpoint with
 answers free text, which the caller's parser then maps.
 
 >>> client = OpenAIClient("http://127.0.0.1:8000/v1", model="smollm2")   # doctest: +SKIP
->>> client.generate([ChatPrompt("Say hi")], SamplingParams())[0].text    # doctest: +SKIP
+>>> chat = [{"role": "user", "content": "Say hi"}]
+>>> client.generate([chat], SamplingParams())[0].text                   # doctest: +SKIP
 'Hi'
 """
 
@@ -21,7 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from llmudf.prompt import ChatPrompt
+from llmudf.engine.params import Output
+from llmudf.engine.prompts import check_chat, is_chat
 
 
 class EndpointError(RuntimeError):
@@ -115,21 +117,28 @@ class OpenAIClient:
     def model_id(self) -> str:
         return f"openai:{self.config.base_url}#{self.config.model}"
 
-    def generate(self, prompts: list, params, progress=None) -> list:
-        """One Output per ChatPrompt, in prompt order."""
+    def generate(self, prompts: list, params, progress=None, on_output=None) -> list[Output]:
+        """One Output per chat (a list of message dicts), in prompt order. `on_output(index,
+        output)` and then `progress(1)` are called as each answer arrives."""
         for i, p in enumerate(prompts):
-            if not isinstance(p, ChatPrompt):
+            if not is_chat(p):
                 raise TypeError(
-                    f"prompt {i} is a {type(p).__name__}; the openai backend takes ChatPrompt"
+                    f"prompt {i} is a {type(p).__name__}; the openai backend takes a chat "
+                    "(a list of message dicts)"
                 )
+            check_chat(p, i)
         if not prompts:
             return []
+        lock = threading.Lock()  # callbacks run one at a time, as in the other clients
 
         def one(index_prompt):
             index, prompt = index_prompt
             out = self._complete(index, prompt, params)
-            if progress is not None:
-                progress(1)
+            with lock:
+                if on_output is not None:
+                    on_output(index, out)
+                if progress is not None:
+                    progress(1)
             return out
 
         workers = min(self.config.max_concurrency, len(prompts))
@@ -138,10 +147,8 @@ class OpenAIClient:
 
     # ---- private -------------------------------------------------------------------------
 
-    def _complete(self, index: int, prompt: ChatPrompt, params):
-        from llmudf.engine.request import Output
-
-        request = self._request(prompt, params)
+    def _complete(self, index: int, messages: list[dict], params) -> Output:
+        request = self._request(messages, params)
         for attempt in range(self.config.max_retries + 1):
             try:
                 response = self._client.chat.completions.create(**request)
@@ -174,10 +181,10 @@ class OpenAIClient:
             num_generated_tokens=usage.completion_tokens if usage else 0,
         )
 
-    def _request(self, prompt: ChatPrompt, params) -> dict:
+    def _request(self, messages: list[dict], params) -> dict:
         request = {
             "model": self.config.model,
-            "messages": prompt.messages(),
+            "messages": [dict(m) for m in messages],
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,

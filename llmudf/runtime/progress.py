@@ -1,7 +1,8 @@
 """A tqdm progress bar for one LLM batch: prompts done, cache hits, tokens/s.
 
-Quiet unless stderr is a terminal and the Config asks for it, so scripts, tests and
-notebooks piped to files print nothing.
+Shown when the Config asks for it and someone watches: on a terminal, or under the cell in
+a Jupyter notebook (tqdm.auto: a widget with ipywidgets installed, else text); scripts and
+tests piped to files print nothing.
 
 >>> with BatchProgress("llm #1", 10, num_prompts=4, num_cache_hits=1, enabled=False) as bar:
 ...     bar.advance(3)
@@ -11,8 +12,15 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():
+    # in a notebook without ipywidgets tqdm.auto falls back to a text bar, which Jupyter
+    # shows as well; its warning about that would appear at `%load_ext llmudf`
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
 
 
 class BatchProgress:
@@ -21,13 +29,12 @@ class BatchProgress:
     ):
         self.start = time.perf_counter()
         self.num_cache_hits = num_cache_hits
-        is_tty = getattr(sys.stderr, "isatty", lambda: False)()
         self._bar = tqdm(
             total=num_prompts,
             initial=num_cache_hits,
             desc=f"{label} ({num_rows} rows)",
             unit="prompt",
-            disable=not (enabled and is_tty),
+            disable=not (enabled and is_watched()),
             leave=False,
         )
         self._bar.set_postfix(cache_hits=num_cache_hits)
@@ -49,3 +56,15 @@ class BatchProgress:
 
     def __exit__(self, *exc) -> None:
         self._bar.close()
+
+
+def is_watched() -> bool:
+    """Whether stderr is a terminal or a Jupyter kernel's cell output (not a TTY)."""
+    return getattr(sys.stderr, "isatty", lambda: False)() or _in_jupyter_kernel()
+
+
+def _in_jupyter_kernel() -> bool:
+    ipython = sys.modules.get("IPython")  # never imported just to ask
+    if "ipykernel" not in sys.modules or ipython is None:
+        return False
+    return getattr(ipython.get_ipython(), "kernel", None) is not None

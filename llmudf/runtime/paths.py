@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
-import platformdirs
+# the engine owns the cache root, the model cache and package lookup; the SQL side shares them
+from llmudf.engine.paths import cache_dir, model_cache_dir, package_dir
 
-
-def cache_dir() -> Path:
-    """The user cache dir, or $LLMUDF_CACHE_DIR (tests point it at a temp dir)."""
-    root = os.environ.get("LLMUDF_CACHE_DIR") or platformdirs.user_cache_dir("llmudf")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+__all__ = [
+    "cache_dir",
+    "model_cache_dir",
+    "movies_db",
+    "package_dir",
+    "result_cache_dir",
+    "weights_id",
+]
 
 
 def result_cache_dir() -> Path:
@@ -23,21 +24,6 @@ def result_cache_dir() -> Path:
     path = Path(root) if root else cache_dir() / "results"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def model_cache_dir() -> Path:
-    """Dequantized weights of GGUF models, saved as safetensors so the second load is fast."""
-    path = cache_dir() / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def package_dir(name: str) -> Path | None:
-    """A package's folder found without importing it (its own imports may be missing)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def movies_db() -> Path:

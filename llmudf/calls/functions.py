@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from llmudf.config import OPTION_KEYS, Config
+from llmudf.calls.config import OPTION_KEYS, Config
 
 
 @dataclass(frozen=True, slots=True)

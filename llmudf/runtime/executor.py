@@ -19,15 +19,16 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from llmudf.cache import ResultCache, cache_key
-from llmudf.client import EngineClient, generate_partial
-from llmudf.config import Config
-from llmudf.functions import CallSpec, LLMCallError, bind_call
+from llmudf.calls.config import Config
+from llmudf.calls.functions import CallSpec, LLMCallError, bind_call
+from llmudf.calls.prompt import ChatPrompt
+from llmudf.optimizer.explain import html_table
 from llmudf.optimizer.plan import PlanOptions, plan_call
-from llmudf.progress import BatchProgress
-from llmudf.prompt import ChatPrompt
+from llmudf.runtime.cache import ResultCache, cache_key
+from llmudf.runtime.client import EngineClient
+from llmudf.runtime.progress import BatchProgress
 
-__all__ = ["CallResult", "CallStats", "bind_call", "run_call"]
+__all__ = ["CallResult", "CallStats", "StatsTable", "bind_call", "run_call"]
 
 
 @dataclass(slots=True)
@@ -58,6 +59,37 @@ class CallStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+class StatsTable(list):
+    """The CallStats of one query (a list), shown in a notebook as an HTML table."""
+
+    _COLUMNS = (
+        "call site",
+        "rows",
+        "prompts after dedup",
+        "cache hits",
+        "prompt tokens",
+        "prefix-cached tokens",
+        "generated tokens",
+        "seconds",
+    )
+
+    def _repr_html_(self) -> str:
+        rows = [
+            (
+                s.site,
+                s.num_rows,
+                s.num_requests,
+                s.num_cache_hits,
+                s.num_prompt_tokens,
+                s.num_cached_tokens,
+                s.num_generated_tokens,
+                f"{s.seconds:.2f}",
+            )
+            for s in self
+        ]
+        return html_table(self._COLUMNS, rows)
+
+
 @dataclass(slots=True)
 class CallResult:
     answers: pa.Array  # one per input row, typed as the function's SQL type
@@ -82,9 +114,7 @@ def run_call(
     config = spec.config(config)
     num_rows = fields.num_rows
     stats = CallStats(spec.site or spec.function.name, num_rows=num_rows)
-    options = PlanOptions(
-        dedup=config.dedup, reorder_fields=config.reorder_fields, reorder_rows=config.reorder_rows
-    )
+    options = PlanOptions.from_config(config)
     decoding = spec.decoding(config)
     prompts: list[ChatPrompt] = []
     row_to_prompt = [-1] * num_rows  # -1: NULL answer
@@ -125,9 +155,8 @@ def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
         stats.site, stats.num_rows, len(prompts), stats.num_cache_hits, config.progress
     ) as bar:
         try:
-            outputs = generate_partial(
-                client,
-                [prompts[i] for i in todo],
+            outputs = client.generate(
+                [prompts[i].messages() for i in todo],
                 params,
                 progress=bar.advance,
                 on_output=finished.__setitem__,
@@ -153,7 +182,7 @@ def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:
 
 def _sampling_params(decoding: dict):
     from llmudf.engine.json_schema import check_schema
-    from llmudf.engine.sampling import SamplingParams
+    from llmudf.engine.params import SamplingParams
 
     kwargs = dict(decoding)
     schema = kwargs.get("json_schema")

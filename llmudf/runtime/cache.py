@@ -29,8 +29,8 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from llmudf.paths import result_cache_dir
-from llmudf.prompt import ChatPrompt
+from llmudf.calls.prompt import ChatPrompt
+from llmudf.runtime.paths import result_cache_dir
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, answer TEXT NOT NULL)"
 _COLUMNS = ["key", "answer"]
