@@ -27,7 +27,7 @@ from llmudf.optimizer.plan import PlanOptions, plan_call
 from llmudf.optimizer.rewrite import AnswerStep, QueryRewrite, UnsupportedQuery
 from llmudf.runtime.cache import open_cache
 from llmudf.runtime.chunk_call import bind_chunk
-from llmudf.runtime.client import explain_tokenizer, get_client
+from llmudf.runtime.client import explain_tokenizer, get_client, measured_tokens_per_s
 from llmudf.runtime.executor import CallStats, StatsTable, run_call
 from llmudf.runtime.query_driver import CallInput, drive
 
@@ -168,6 +168,8 @@ class Connection:
                 render,
                 num_rows=call.num_rows,
                 row_counts=call.row_counts,
+                tokens_per_s=measured_tokens_per_s(self.config),
+                new_tokens=site.spec.max_new_tokens(site.spec.config(self.config)),
             )
             sites.append(explained)
             nulls = pa.nulls(call.num_tuples, site.spec.function.arrow_type)

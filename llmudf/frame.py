@@ -34,7 +34,7 @@ from llmudf.frame_tables import FrameTable, is_series
 from llmudf.optimizer.explain import LLMExplain, explain_call
 from llmudf.optimizer.plan import PlanOptions, plan_call
 from llmudf.runtime.cache import open_cache
-from llmudf.runtime.client import explain_tokenizer, get_client
+from llmudf.runtime.client import explain_tokenizer, get_client, measured_tokens_per_s
 from llmudf.runtime.executor import CallStats, run_call
 
 __all__ = [
@@ -204,7 +204,16 @@ def llm_explain(frame, op: str, *args, **kwargs) -> LLMExplain:
     options = PlanOptions.from_config(config)
     plan = plan_call(call.spec.instruction(call.instruction), call.fields, options)
     tokenize, render = explain_tokenizer(config)
-    info = explain_call(call.site, call.instruction, plan, (), tokenize, render)
+    info = explain_call(
+        call.site,
+        call.instruction,
+        plan,
+        (),
+        tokenize,
+        render,
+        tokens_per_s=measured_tokens_per_s(config),
+        new_tokens=call.spec.max_new_tokens(call.spec.config(config)),
+    )
     return LLMExplain("", (info,))
 
 

@@ -59,10 +59,17 @@ class CallSiteExplain:
     field_order: tuple[str, ...]  # the most common field order of the requests
     pushed: tuple[str, ...]  # filters / joins / limit run before the call
     strategies: tuple[StrategyCost, ...] = ()  # in STRATEGIES order
+    # (computed prompt tokens + new tokens) / the engine's measured speed; None before the
+    # engine has run (no speed to go by) or when counting characters
+    estimated_seconds: float | None = None
 
     @property
     def prefix_hit_rate(self) -> float:
         return self.cached_units / self.prompt_units if self.prompt_units else 0.0
+
+    @property
+    def estimate(self) -> str:
+        return "unknown" if self.estimated_seconds is None else f"~{self.estimated_seconds:.1f} s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +90,7 @@ class LLMExplain:
                 f"(PHR {s.prefix_hit_rate:.0%})",
                 f"  field order: {', '.join(s.field_order) or '(none)'}",
                 f"  below the LLM: {'; '.join(s.pushed) or '(nothing)'}",
+                f"  estimated time: {s.estimate}",
             ]
         if self.sql:  # a DataFrame call has no SQL
             lines.append(f"rewritten SQL: {self.sql}")
@@ -103,6 +111,7 @@ class LLMExplain:
                 f"{s.prefix_hit_rate:.0%}",
                 ", ".join(s.field_order) or "(none)",
                 "; ".join(s.pushed) or "(nothing)",
+                s.estimate,
             )
             for s in self.sites
         ]
@@ -167,17 +176,25 @@ def explain_call(
     render: Render | None = None,
     num_rows: int | None = None,
     row_counts: Sequence[int] | None = None,
+    tokens_per_s: float | None = None,
+    new_tokens: int = 0,
 ) -> CallSiteExplain:
     """EXPLAIN data of one planned call site (`plan`: an optimizer CallPlan); `num_rows`:
     the rows behind the plan's input when that input was already made distinct in SQL, and
     `row_counts[i]` how many of them input row i stands for (for the "original order"
-    strategy; their order is unknown then, so it assumes a seeded random order)."""
+    strategy; their order is unknown then, so it assumes a seeded random order).
+    `tokens_per_s`: the engine's measured forward speed, and `new_tokens` the most tokens
+    each prompt generates, for the time estimate."""
     tokenize, render = _once(plan.prompts, tokenize, render)
     cost = estimate_cost(plan, tokenize, render)
     orders = Counter(plan.field_orders)
     order = orders.most_common(1)[0][0] if orders else ()
     if num_rows is None:
         num_rows = plan.num_rows if row_counts is None else int(np.sum(row_counts))
+    seconds = None
+    if tokens_per_s and cost.unit == "tokens":
+        computed = cost.prompt_units - cost.cached_units + plan.num_requests * new_tokens
+        seconds = computed / tokens_per_s
     return CallSiteExplain(
         site=site,
         instruction=instruction,
@@ -189,6 +206,7 @@ def explain_call(
         field_order=tuple(order),
         pushed=tuple(pushed),
         strategies=strategy_costs(plan, tokenize, render, row_counts),
+        estimated_seconds=seconds,
     )
 
 
@@ -243,6 +261,7 @@ _SITE_COLUMNS = (
     "prefix hit rate",
     "field order",
     "below the LLM",
+    "estimated time",
 )
 _STRATEGY_COLUMNS = ("call site", "strategy", "prompts", "computed", "prefix hit rate")
 

@@ -94,6 +94,11 @@ class CallSpec:
             out["json_schema"] = self.json_schema
         return out
 
+    def max_new_tokens(self, config: Config) -> int:
+        """The most tokens one answer generates (a choice: its first token decides it)."""
+        decoding = self.decoding(config)
+        return 1 if "choices" in decoding else decoding["max_tokens"]
+
     def parse(self, text: str | None):
         """The answer text as the function's SQL value (None = NULL)."""
         if text is None:

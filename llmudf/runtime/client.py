@@ -116,16 +116,30 @@ def get_client(config: Config) -> EngineClient:
     >>> get_client(Config(backend="server")).location              # doctest: +SKIP
     'grpc://127.0.0.1:40123'
     """
-    key = json.dumps(
-        [config.backend, config.endpoint, config.api_key, config.model, config.engine],
-        sort_keys=True,
-        default=str,
-    )
+    key = _client_key(config)
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
             client = _CLIENTS[key] = _new_client(config)
         return client
+
+
+def measured_tokens_per_s(config: Config) -> float | None:
+    """The forward tokens per second of `config`'s in-process engine so far, for EXPLAIN's
+    time estimate; None when it has not run yet (or runs elsewhere)."""
+    engine = getattr(_CLIENTS.get(_client_key(config)), "_engine", None)
+    stats = getattr(engine, "stats", None)
+    if stats is None or not stats.elapsed_s or not stats.num_forward_tokens:
+        return None
+    return stats.num_forward_tokens / stats.elapsed_s
+
+
+def _client_key(config: Config) -> str:
+    return json.dumps(
+        [config.backend, config.endpoint, config.api_key, config.model, config.engine],
+        sort_keys=True,
+        default=str,
+    )
 
 
 def _new_client(config: Config) -> EngineClient:

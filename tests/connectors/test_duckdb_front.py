@@ -203,3 +203,13 @@ def test_a_call_over_a_categorical_dataframe_column(con):
     assert sorted(got, key=repr) == sorted(
         con.sql("SELECT genre, llm('Mood?', genre) AS m FROM plain").fetchall(), key=repr
     )
+
+
+def test_explain_estimates_the_time_from_the_engines_measured_speed(con):
+    sql = "SELECT llm('Genre?', title) FROM m"
+    con.sql(sql).fetchall()  # the engine has run: its speed is known
+    (site,) = con.explain_llm(sql.replace("Genre?", "Mood?")).sites
+    assert site.unit == "tokens" and site.estimated_seconds > 0
+    assert f"estimated time: ~{site.estimated_seconds:.1f} s" in str(con.explain_llm(sql))
+    html = con.last_stats._repr_html_()
+    assert "prompts sent" in html and f"<td>{_sent(con)}</td>" in html

@@ -149,6 +149,6 @@ def test_stats_are_a_list_with_an_escaped_html_table():
     assert table == [stats] and isinstance(table, list)
     html = table._repr_html_()
     assert "<WHERE>" not in html
-    cells = ["llm #1 in &lt;WHERE&gt;", "1,234", "56", "7", "8,900", "4,500", "321", "1.50"]
+    cells = ["llm #1 in &lt;WHERE&gt;", "1,234", "56", "7", "49", "8,900", "4,500", "321", "1.50"]
     assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in html
     assert "<th>prefix-cached tokens</th>" in html
