@@ -213,3 +213,20 @@ def test_explain_estimates_the_time_from_the_engines_measured_speed(con):
     assert f"estimated time: ~{site.estimated_seconds:.1f} s" in str(con.explain_llm(sql))
     html = con.last_stats._repr_html_()
     assert "prompts sent" in html and f"<td>{_sent(con)}</td>" in html
+
+
+def test_cursors_answer_from_several_threads_at_once(con):
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = [f"SELECT id, llm('Genre {i % 3}?', title) AS g FROM m WHERE id % 4 = {i % 4}"
+               for i in range(8)]  # fmt: skip
+    expected = [sorted(con.sql(q).fetchall()) for q in queries]
+
+    def run(query: str):
+        cursor = con.cursor()
+        return sorted(cursor.sql(query).fetchall())
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(run, queries))
+    assert got == expected
+    assert len({a for rows in got for _i, a in rows}) > 1
