@@ -225,6 +225,8 @@ class Connection:
         try:
             final = drive(rewrite, self._run_sql, self._answer, self._bind).sql
             return self._duck(method, final, None)
+        except duckdb.InterruptException:
+            raise  # the user stopped the query: never run it again per chunk
         except (UnsupportedQuery, duckdb.Error) as exc:
             # the rewrite's own SQL failed, or the user's query is wrong: the per-chunk path
             # tells them apart (it raises the user's error, naming the call site)

@@ -230,3 +230,15 @@ def test_cursors_answer_from_several_threads_at_once(con):
         got = list(pool.map(run, queries))
     assert got == expected
     assert len({a for rows in got for _i, a in rows}) > 1
+
+
+def test_an_interrupted_duckdb_query_is_not_rerun_per_chunk(con, monkeypatch):
+    import llmudf.connectors.duckdb as connector
+
+    def interrupted(*args, **kwargs):
+        raise duckdb.InterruptException("INTERRUPT Error: Interrupted!")
+
+    monkeypatch.setattr(connector, "drive", interrupted)
+    with pytest.raises(duckdb.InterruptException):
+        con.sql("SELECT llm('Genre?', title) FROM m")
+    assert con.last_fallback is None and _sent(con) == 0
