@@ -10,13 +10,23 @@ operators of `llmudf.frame`. `import llmudf` registers it (Polars only when inst
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import warnings
+from typing import TYPE_CHECKING
 
-from llmudf import frame
-from llmudf.calls.config import Config
-from llmudf.optimizer.explain import LLMExplain
-from llmudf.runtime.executor import CallStats
+if TYPE_CHECKING:
+    from llmudf.calls.config import Config
+    from llmudf.optimizer.explain import LLMExplain
+    from llmudf.runtime.executor import CallStats
+
+
+def _frame():
+    """`llmudf.frame`, imported on the first call: `import llmudf` (which registers these
+    accessors) stays cheap for processes that never use them, e.g. Spark's Python workers
+    and engine servers."""
+    return importlib.import_module("llmudf.frame")
+
 
 __all__ = ["DataFrameLLM", "SeriesLLM", "register_accessors"]
 
@@ -31,7 +41,7 @@ class _LLM:
 
         >>> df.llm.map("Summarize", ["title"]); df.llm.last_stats.num_sent   # doctest: +SKIP
         """
-        return frame.last_stats(self._obj)
+        return _frame().last_stats(self._obj)
 
     def explain(self, op: str, *args, **kwargs) -> LLMExplain:
         """What `self.llm.<op>(*args, **kwargs)` would do, without running the model: rows,
@@ -39,7 +49,7 @@ class _LLM:
 
         >>> print(df.llm.explain("filter", "Is it animated?", ["title"]))    # doctest: +SKIP
         """
-        return frame.llm_explain(self._obj, op, *args, **kwargs)
+        return _frame().llm_explain(self._obj, op, *args, **kwargs)
 
 
 class DataFrameLLM(_LLM):
@@ -55,14 +65,14 @@ class DataFrameLLM(_LLM):
 
         >>> df.llm.map("Summarize the plot.", ["title", "plot"], max_tokens=64)  # doctest: +SKIP
         """
-        return frame.llm_map(self._obj, instruction, fields, config=config, **options)
+        return _frame().llm_map(self._obj, instruction, fields, config=config, **options)
 
     def filter(self, instruction: str, fields=None, *, config: Config | None = None, **options):
         """The rows the model answers yes for (SQL `llm_filter`).
 
         >>> df.llm.filter("Is it suitable for children?", ["title", "genre"])  # doctest: +SKIP
         """
-        return frame.llm_filter(self._obj, instruction, fields, config=config, **options)
+        return _frame().llm_filter(self._obj, instruction, fields, config=config, **options)
 
     def choice(
         self, instruction: str, choices, fields=None, *, config: Config | None = None, **options
@@ -71,14 +81,16 @@ class DataFrameLLM(_LLM):
 
         >>> df.llm.choice("Mood?", ["happy", "sad"], ["title"])               # doctest: +SKIP
         """
-        return frame.llm_choice(self._obj, instruction, choices, fields, config=config, **options)
+        return _frame().llm_choice(
+            self._obj, instruction, choices, fields, config=config, **options
+        )
 
     def score(self, instruction: str, fields=None, *, config: Config | None = None, **options):
         """A float score 1..5 per row (SQL `llm_score`).
 
         >>> df.llm.score("How violent is it?", ["title", "genre"]).mean()      # doctest: +SKIP
         """
-        return frame.llm_score(self._obj, instruction, fields, config=config, **options)
+        return _frame().llm_score(self._obj, instruction, fields, config=config, **options)
 
     def json(
         self,
@@ -96,7 +108,7 @@ class DataFrameLLM(_LLM):
         >>> schema = {"type": "object", "properties": {"year": {"type": "integer"}}}
         >>> df.llm.json("Release year?", schema, ["title"], expand=True)     # doctest: +SKIP
         """
-        return frame.llm_json(
+        return _frame().llm_json(
             self._obj, instruction, schema, fields, expand, config=config, **options
         )
 
@@ -111,28 +123,28 @@ class SeriesLLM(_LLM):
 
         >>> df["title"].llm.map("Translate to French.")                      # doctest: +SKIP
         """
-        return frame.llm_map(self._obj, instruction, config=config, **options)
+        return _frame().llm_map(self._obj, instruction, config=config, **options)
 
     def filter(self, instruction: str, *, config: Config | None = None, **options):
         """The values the model answers yes for (SQL `llm_filter`).
 
         >>> df["title"].llm.filter("Is it a sequel?")                        # doctest: +SKIP
         """
-        return frame.llm_filter(self._obj, instruction, config=config, **options)
+        return _frame().llm_filter(self._obj, instruction, config=config, **options)
 
     def choice(self, instruction: str, choices, *, config: Config | None = None, **options):
         """One of `choices` per value (SQL `llm_choice`).
 
         >>> df["title"].llm.choice("Language?", ["English", "other"])        # doctest: +SKIP
         """
-        return frame.llm_choice(self._obj, instruction, choices, config=config, **options)
+        return _frame().llm_choice(self._obj, instruction, choices, config=config, **options)
 
     def score(self, instruction: str, *, config: Config | None = None, **options):
         """A float score 1..5 per value (SQL `llm_score`).
 
         >>> df["title"].llm.score("How catchy is it?")                       # doctest: +SKIP
         """
-        return frame.llm_score(self._obj, instruction, config=config, **options)
+        return _frame().llm_score(self._obj, instruction, config=config, **options)
 
     def json(
         self,
@@ -147,7 +159,7 @@ class SeriesLLM(_LLM):
 
         >>> df["title"].llm.json("Facts?", {"type": "object", "properties": {}})  # doctest: +SKIP
         """
-        return frame.llm_json(
+        return _frame().llm_json(
             self._obj, instruction, schema, None, expand, config=config, **options
         )
 
