@@ -13,11 +13,6 @@ from llmudf.engine.weights import load_model
 GREEDY8 = SamplingParams(max_tokens=8, logprobs=True)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(tiny_model_dir)
-
-
 def make_engine(tiny, **cfg):
     cfg.setdefault("device", "cpu")
     cfg.setdefault("num_kv_pages", 256)

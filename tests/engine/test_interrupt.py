@@ -5,36 +5,12 @@ exactly as by a fresh engine. Also: a max_tokens past the context is capped with
 import warnings
 
 import pytest
+from test_engine import make_engine, prompts
 
-from llmudf.calls.prompt import ChatPrompt
-from llmudf.engine.config import EngineConfig
-from llmudf.engine.engine import Engine
 from llmudf.engine.sampling import SamplingParams
-from llmudf.engine.weights import load_model
 
 # one more token each, EOS ignored: the requests finish in different steps
 PARAMS = [SamplingParams(max_tokens=2 + i, ignore_eos=True) for i in range(12)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(tiny_model_dir)
-
-
-def make_engine(tiny, **cfg):
-    cfg.setdefault("device", "cpu")
-    cfg.setdefault("num_kv_pages", 256)
-    model, _, tokenizer = tiny
-    return Engine(EngineConfig(**cfg), model=model, tokenizer=tokenizer)
-
-
-def prompts(n=12):
-    """Chat prompts sharing a system prompt and, in groups, longer instructions."""
-    questions = ["Is it a comedy?", "Is it a drama about a family?", "What year?"]
-    return [
-        ChatPrompt(f"{questions[i % 3]}\n\ntitle: Movie {i * 7 % 11}\nyear: {1990 + i}").messages()
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(scope="module")
