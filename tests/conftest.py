@@ -20,6 +20,9 @@ import os
 
 # before anything imports torch: see llmudf/__init__.py
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# before anything imports triton (transformers may): the Triton kernels' tests run them in the
+# interpreter, on CPU, and triton reads this once, when its own functions are defined
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 

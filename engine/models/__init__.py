@@ -11,6 +11,7 @@ import torch
 
 from llmudf.engine.model_config import ModelConfig
 from llmudf.engine.models.llama import KVCache, LlamaForCausalLM
+from llmudf.kernels import KernelSet, select_kernels
 
 # the tiny test tokenizer (tests/engine/conftest.py) has 259 tokens; <|im_end|> is id 2
 _TINY_BASE = dict(
@@ -51,17 +52,23 @@ def build_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int | None = 0,
+    kernels: str | KernelSet = "auto",
+    deterministic: bool = True,
 ) -> LlamaForCausalLM:
     """A model of `config` on `device`; random weights (normal, std 0.02) drawn from `seed`, or
-    uninitialized memory when `seed` is None (the weight loader fills it).
+    uninitialized memory when `seed` is None (the weight loader fills it). Its kernels are
+    chosen here, once (`llmudf.kernels.select_kernels`): Triton on CUDA, torch on CPU unless
+    `kernels` says otherwise. The parameters are allocated once, on the device, in `dtype`.
 
     >>> build_model(tiny_config("llama"), seed=1).embed_tokens.weight.shape
     torch.Size([320, 64])
     """
+    ops = select_kernels(device, kernels, deterministic)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+        model = LlamaForCausalLM(config, ops).to(dtype)
+    model = model.to_empty(device=device)
     if seed is not None:
+        # drawn on the CPU in float32 (the same weights on every device), one tensor at a time
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, param in model.named_parameters():
