@@ -11,6 +11,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 PROMPT_OVERFLOW_POLICIES = ("error", "truncate_left")
 SCHEDULE_POLICIES = ("dfs", "fcfs")
 CPU_KV_BYTES_CAP = 2 << 30
+HOST_KV_FRACTION = 0.3  # at most this share of free RAM goes to the default host KV tier
 
 
 @dataclass(slots=True)
@@ -27,6 +28,16 @@ class EngineConfig:
     KV memory: `num_kv_pages` if given, else `kv_cache_bytes` if given, else
     `kv_cache_fraction` of the device's free memory; on CPU that share of host RAM is capped
     at `CPU_KV_BYTES_CAP` (2 GiB), since host memory is shared with everything else.
+    `host_kv_cache_bytes`: the host tier under the prefix cache (see the field's comment);
+    `cpu_attention_offload`: NEO-style decode attention on the CPU for requests whose KV
+    does not fit the device pool (docs/DESIGN.md, "KV tiers").
+
+    kernels: "auto" (Triton on CUDA when importable, else the torch references), "torch" or
+    "triton"; chosen once when the model is built. deterministic: batch-invariant kernels on
+    the GPU (fixed attention split, fixed-tile matmuls, no cascade), so a greedy answer is the
+    same whatever the batch, plan or cache state; False allows cascade attention and faster
+    splits. CUDA graphs replay decode-only steps of at most `cuda_graph_max_batch` sequences
+    (0 = never).
 
     prompt_overflow: what to do with a prompt that leaves no room for generation within
     `max_model_len`: "error" (default; a ValueError naming both lengths) or "truncate_left"
@@ -54,6 +65,16 @@ class EngineConfig:
     # 8, not more: a server holds the system prompt already, and a query's instruction is
     # often ~10 tokens; with 32, 63 filter prompts computed 1,366 tokens instead of 743.
     min_shared_prefix_to_defer: int = 8
+    kernels: str = "auto"
+    deterministic: bool = True
+    cuda_graph_max_batch: int = 256
+    # Host KV tier under the radix cache: bytes of host memory (pinned on CUDA) that evicted
+    # prefixes are written back to and loaded from instead of recomputed; None = twice the
+    # device pool (SGLang's default ratio), at most HOST_KV_FRACTION of free RAM; 0 = off.
+    host_kv_cache_bytes: int | None = None
+    # NEO: when the device pool runs short, decoding requests move their KV to the host pool
+    # and their decode attention runs on the CPU instead of being preempted and recomputed.
+    cpu_attention_offload: bool = False
 
     def __post_init__(self):
         if self.page_size is None:
@@ -64,6 +85,13 @@ class EngineConfig:
             raise ValueError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+        if self.host_kv_cache_bytes is not None and self.host_kv_cache_bytes < 0:
+            raise ValueError(
+                "host_kv_cache_bytes must be >= 0 (0 = no host tier), "
+                f"got {self.host_kv_cache_bytes}"
+            )
+        if self.cpu_attention_offload and self.host_kv_cache_bytes == 0:
+            raise ValueError("cpu_attention_offload needs a host KV pool; host_kv_cache_bytes is 0")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.max_num_batched_tokens < 1:
@@ -83,6 +111,10 @@ class EngineConfig:
                 f"prompt_overflow must be one of {PROMPT_OVERFLOW_POLICIES}, "
                 f"got {self.prompt_overflow!r}"
             )
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError(f"cuda_graph_max_batch must be >= 0, got {self.cuda_graph_max_batch}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {list(_DTYPES)}, got {self.dtype!r}")
         resolve_device(self.device)  # fail early on a malformed device string

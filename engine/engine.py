@@ -16,11 +16,12 @@ import itertools
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from llmudf.engine.config import EngineConfig
 from llmudf.engine.constraints import Constraint, ConstraintCompiler
 from llmudf.engine.detokenizer import Detokenizer
+from llmudf.engine.host_kv import HostKVPool, KVCopier
 from llmudf.engine.kv_pool import KVPool, KVShape
 from llmudf.engine.model_runner import ModelRunner, SampledToken
 from llmudf.engine.params import EngineStats, FinishReason, Output, SamplingParams
@@ -53,7 +54,13 @@ class Engine:
         if model is None:
             from llmudf.engine.weights import load_model
 
-            model, _, tokenizer = load_model(config.model, config.torch_device, config.torch_dtype)
+            model, _, tokenizer = load_model(
+                config.model,
+                config.torch_device,
+                config.torch_dtype,
+                config.kernels,
+                config.deterministic,
+            )
         self.config = config
         self.model_config = model_config = model.config
         self.tokenizer = tokenizer
@@ -67,8 +74,18 @@ class Engine:
         )
         self.pool = KVPool.from_config(config, shape, model_max_len)
         self.max_len = min(model_max_len, self.pool.num_pages * config.page_size)
-        self.scheduler = Scheduler(config, self.pool)
-        self.runner = ModelRunner(model, self.pool, self.device, tokenizer.vocab_size)
+        # the host tier under the prefix cache (and the KV of CPU-attended decodes)
+        self.host_pool = HostKVPool.from_config(config, self.pool)
+        self.copier = None if self.host_pool is None else KVCopier(self.pool, self.host_pool)
+        self.scheduler = Scheduler(config, self.pool, self.copier)
+        self.runner = ModelRunner(
+            model,
+            self.pool,
+            self.device,
+            tokenizer.vocab_size,
+            self.copier,
+            cuda_graph_max_batch=config.cuda_graph_max_batch,
+        )
         self.constraints = ConstraintCompiler(tokenizer)
         self.stats = EngineStats()
         self._eos = frozenset(tokenizer.eos_token_ids)
@@ -100,12 +117,17 @@ class Engine:
             if self.scheduler.num_unfinished:
                 raise RuntimeError("the scheduler could not make progress (KV pool too small?)")
             return []
+        if self.copier is not None:
+            self.copier.before_forward()
         sampled = self.runner.run(batch)
         self.scheduler.commit(batch)
         outputs = [out for s in sampled if (out := self._postprocess(s)) is not None]
         self.stats.num_steps += 1
         self.stats.num_forward_tokens += batch.num_tokens
         self.stats.num_preemptions = self.scheduler.num_preemptions
+        counters = self.scheduler.take_counters()
+        for f in fields(counters):
+            setattr(self.stats, f.name, getattr(self.stats, f.name) + getattr(counters, f.name))
         self.stats.elapsed_s += time.perf_counter() - start
         return outputs
 

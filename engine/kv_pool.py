@@ -6,6 +6,8 @@ cache node that stores it; it returns to the free list when the last reference g
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,9 @@ class KVPool:
         ]
         self._ref_counts = [0] * num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        # called with i right before layer i's caches are handed to the model (set by the
+        # host tier's KVCopier on CUDA to wait for that layer's load-back)
+        self.before_layer: Callable[[int], None] | None = None
 
     @classmethod
     def from_budget(
@@ -97,8 +102,12 @@ class KVPool:
         return len(self._free)
 
     @property
-    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return list(zip(self.k_caches, self.v_caches, strict=True))
+    def kv_caches(self) -> SequenceABC[tuple[torch.Tensor, torch.Tensor]]:
+        """(k_cache, v_cache) per layer; with a `before_layer` hook, a sequence that calls it
+        as each layer's pair is taken (the model takes them one layer at a time)."""
+        if self.before_layer is None:
+            return list(zip(self.k_caches, self.v_caches, strict=True))
+        return _LayerwiseCaches(self)
 
     def can_allocate(self, num_pages: int) -> bool:
         return num_pages <= len(self._free)
@@ -135,3 +144,20 @@ class KVPool:
 
     def ref_count(self, page: int) -> int:
         return self._ref_counts[page]
+
+
+class _LayerwiseCaches(SequenceABC):
+    def __init__(self, pool: KVPool):
+        self._pool = pool
+
+    def __len__(self) -> int:
+        return len(self._pool.k_caches)
+
+    def __getitem__(self, layer):
+        if not isinstance(layer, int):
+            raise TypeError("index the layer caches with one layer number")
+        if not -len(self) <= layer < len(self):
+            raise IndexError(layer)
+        layer %= len(self)
+        self._pool.before_layer(layer)
+        return self._pool.k_caches[layer], self._pool.v_caches[layer]

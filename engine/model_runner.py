@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
 
+from llmudf.engine.cpu_offload import HostDecodeBatch
+from llmudf.engine.cuda_graphs import DecodeGraphs
+from llmudf.engine.host_kv import KVCopier
 from llmudf.engine.kv_pool import KVPool
 from llmudf.engine.request import Sequence
 from llmudf.engine.sampling import Sampler
 from llmudf.engine.scheduler import ScheduledBatch
-from llmudf.kernels import AttentionMetadata, AttentionPlan
+from llmudf.kernels import AttentionMetadata
 
 
 @dataclass(slots=True)
@@ -32,8 +36,17 @@ class SampledToken:
 class ModelRunner:
     """Runs `model` (forward + compute_logits, see docs/DESIGN.md) over the pool's KV pages."""
 
-    def __init__(self, model, pool: KVPool, device: torch.device, vocab_size: int):
+    def __init__(
+        self,
+        model,
+        pool: KVPool,
+        device: torch.device,
+        vocab_size: int,
+        copier: KVCopier | None = None,
+        cuda_graph_max_batch: int = 256,
+    ):
         self.model = model
+        self.copier = copier  # the host KV tier, for steps with decodes over host KV
         # the tokenizer's vocab may be smaller than the model's padded embedding table
         self.vocab_size = vocab_size
         self.pool = pool
@@ -45,6 +58,7 @@ class ModelRunner:
         self._kv_caches = pool.kv_caches
         if device.type == "cpu":
             keep_freed_host_memory()
+        self._graphs = _decode_graphs(model, pool, device, cuda_graph_max_batch)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken]:
@@ -55,12 +69,28 @@ class ModelRunner:
             input_ids += seq.token_ids[start : start + n]
         seq_lens = [start + n for start, n in zip(starts, counts, strict=True)]
         page_size = self.pool.page_size
-        meta = AttentionMetadata.build(
-            counts, seq_lens, [seq.pages for seq in seqs], page_size, self.device
-        )
-        plan = AttentionPlan.build(meta, page_size, *self._heads, self._dtype)
+        # the last batch.num_host_seqs sequences decode over host KV, on the CPU (NEO)
+        num_device = batch.num_device_seqs
+        meta = plan = offload = None
+        if num_device:
+            meta = AttentionMetadata.build(
+                counts[:num_device],
+                seq_lens[:num_device],
+                [seq.pages for seq in seqs[:num_device]],
+                page_size,
+                self.device,
+            )
+            plan = self.model.ops.build_plan(meta, page_size, *self._heads, self._dtype)
+        if num_device < len(seqs):
+            offload = HostDecodeBatch(
+                self.copier,
+                seqs[num_device:],
+                seq_lens[num_device:],
+                sum(counts[:num_device]),
+                self.device,
+            )
         counts_t = torch.tensor(counts, device=self.device)
-        cu = meta.cu_seqlens_q.long()
+        cu = torch.tensor([0, *itertools.accumulate(counts)], device=self.device)
         # position of flat token t = its offset inside its sequence's chunk + the chunk's start
         offsets = torch.tensor(starts, device=self.device) - cu[:-1]
         positions = torch.arange(len(input_ids), device=self.device)
@@ -68,7 +98,15 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         rows = [i for i, seq in enumerate(seqs) if seq_lens[i] == len(seq)]
         last = (cu[1:] - 1)[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        hidden = self.model.forward(ids, positions, meta, self._kv_caches, last, plan)  # [N, H]
+        if self._use_graphs(counts, seq_lens, offload):
+            if self.copier is not None:  # a replay takes no layer-wise waits for load-backs
+                self.copier.wait_for_loads()
+            tables = [seq.pages for seq in seqs]
+            hidden = self._graphs.run(input_ids, starts, seq_lens, tables)  # [N, H]
+        else:
+            hidden = self.model.forward(
+                ids, positions, meta, self._kv_caches, last, plan, offload
+            )  # [N, H]
         if not rows:
             return []
         sampling = [seqs[i] for i in rows]
@@ -94,6 +132,29 @@ class ModelRunner:
             SampledToken(seq, tok, lp)
             for seq, tok, lp in zip(sampling, token_list, lp_list, strict=True)
         ]
+
+    def _use_graphs(self, counts: list[int], seq_lens: list[int], offload) -> bool:
+        return (
+            self._graphs is not None
+            and offload is None
+            and all(n == 1 for n in counts)
+            and self._graphs.can_run(len(counts), seq_lens)
+        )
+
+
+def _decode_graphs(model, pool: KVPool, device: torch.device, max_batch: int):
+    """CUDA graphs for decode-only steps where they apply: a CUDA device and kernels that can
+    be captured (Triton). Without determinism, decodes of more than 32 sequences run eagerly,
+    where cascade attention over their shared prefix saves more than the launches cost."""
+    ops = getattr(model, "ops", None)
+    if device.type != "cuda" or max_batch < 1 or ops is None or not ops.supports_cuda_graphs:
+        return None
+    if not ops.deterministic:
+        max_batch = min(max_batch, 32)
+    max_len = min(model.config.max_position_embeddings, pool.num_pages * pool.page_size)
+    graphs = DecodeGraphs(model, pool.kv_caches, pool.page_size, max_len, max_batch, device)
+    graphs.capture_all()
+    return graphs
 
 
 # above this many candidate tokens a step computes the whole vocabulary's logits

@@ -119,6 +119,16 @@ class EngineStats:
     num_steps: int = 0
     num_preemptions: int = 0
     elapsed_s: float = 0.0  # time spent in step()
+    # KV tiers (docs/DESIGN.md "KV tiers"): prompt tokens found on the device / on the host
+    # (loaded back, not recomputed), prompt tokens computed (recomputation included), bytes
+    # copied each way, requests moved to the host and decode tokens attended on the CPU
+    num_device_hit_tokens: int = 0
+    num_host_hit_tokens: int = 0
+    num_computed_prompt_tokens: int = 0
+    num_bytes_to_host: int = 0
+    num_bytes_to_device: int = 0
+    num_offloaded_requests: int = 0
+    num_cpu_attention_tokens: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:

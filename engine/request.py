@@ -25,6 +25,10 @@ class Sequence:
     is the radix node this sequence keeps locked (its cached prefix). After a preemption the
     KV is gone (or back in the cache) and the whole token list is prefilled again.
 
+    With CPU attention offload, a decoding sequence may move its KV to the host pool
+    (`host_pages`, its own copy; `pages` is then empty): its decode attention runs on the CPU
+    until it finishes.
+
     A sampled token in `end_token_ids` finishes the request and is left out of its tokens.
     `constraint` (choices, JSON) limits and finishes the answer; else `detokenizer` (set when
     there are stop strings) watches the text for them.
@@ -40,6 +44,7 @@ class Sequence:
         "num_computed_tokens",
         "num_cached_tokens",
         "pages",
+        "host_pages",
         "cache_node",
         "cache_len",
         "num_preemptions",
@@ -73,6 +78,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.pages: list[int] = []
+        self.host_pages: list[int] = []
         self.cache_node = None  # radix node this sequence has locked
         self.cache_len = 0  # tokens covered by cache_node's path (its pages are in self.pages)
         self.num_preemptions = 0
@@ -103,6 +109,11 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_on_host(self) -> bool:
+        """Its KV lives in the host pool and its decode attention runs on the CPU."""
+        return bool(self.host_pages)
 
     @property
     def is_finished(self) -> bool:

@@ -29,7 +29,7 @@ def cached_pages(engine) -> list[int]:
     while stack:
         node = stack.pop()
         assert node.lock_ref == 0
-        pages += node.value
+        pages += node.value or []  # None: the node is in the host tier only
         stack += node.children.values()
     return pages
 

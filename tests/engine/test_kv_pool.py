@@ -66,3 +66,18 @@ def test_engine_config_resolves_auto_device_and_dtype():
     assert cfg.torch_device.type == expected
     assert cfg.torch_dtype == (torch.bfloat16 if expected == "cuda" else torch.float32)
     assert EngineConfig(device="cpu", dtype="bfloat16").torch_dtype == torch.bfloat16
+
+
+def test_a_before_layer_hook_runs_as_each_layers_caches_are_taken():
+    pool = KVPool(SHAPE, 2)
+    plain = pool.kv_caches
+    assert isinstance(plain, list) and plain[1][0] is pool.k_caches[1]
+    taken = []
+    pool.before_layer = taken.append
+    caches = pool.kv_caches  # taken once, like the model runner does
+    for layer, (k, v) in enumerate(caches):
+        assert taken == list(range(layer + 1))  # waited for right before its use
+        assert k is pool.k_caches[layer] and v is pool.v_caches[layer]
+    assert len(caches) == 3 and caches[-1][1] is pool.v_caches[2] and taken[-1] == 2
+    with pytest.raises(IndexError):
+        caches[3]
