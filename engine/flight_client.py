@@ -5,7 +5,8 @@ text, see engine/prompts.py), so callers do not care whether the engine runs in-
 behind a server. Without an explicit location it uses the node's server for its model
 (engine/node.py: one per node / GPU, started on first use). If that server dies mid-call, the
 client asks for a new one and re-sends only the unanswered prompts (greedy answers make that
-idempotent); an explicit server that dies is a clear error. Wire format: engine/wire.py.
+idempotent); an explicit server that dies is a clear error. A server with an API key gets
+`api_key` (default `$LLMUDF_API_KEY`) on every call. Wire format: engine/wire.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class FlightEngineClient:
     """Answers prompts through an engine server.
 
     location: "grpc://host:port" or "grpc+unix:///path"; None = this node's server for
-    `model`, started on first use (`engine` = extra EngineConfig fields for it).
+    `model`, started on first use (`engine` = extra EngineConfig fields for it). `api_key`:
+    the server's key (None = `$LLMUDF_API_KEY`, if set).
 
     >>> client = FlightEngineClient(model=None)                           # doctest: +SKIP
     >>> chat = [{"role": "user", "content": "Capital of France?"}]
@@ -49,6 +51,7 @@ class FlightEngineClient:
         client_id: str | None = None,
         max_restarts: int = 2,
         start_timeout: float = 600.0,
+        api_key: str | None = None,
     ):
         self.model = model
         self.engine = dict(engine or {})
@@ -56,6 +59,7 @@ class FlightEngineClient:
         self.max_restarts = max_restarts
         self.start_timeout = start_timeout
         self.is_managed = location is None
+        self._options = wire.call_options(api_key or wire.api_key_from_env())
         self.location = (
             location or node_server(model, self.engine, timeout=start_timeout)["location"]
         )
@@ -86,7 +90,10 @@ class FlightEngineClient:
     def action(self, name: str) -> dict:
         """Run a server action (health, ready, stats) and return its JSON body."""
         try:
-            return wire.decode_action(self._client().do_action(flight.Action(name, b"")))
+            action = flight.Action(name, b"")
+            return wire.decode_action(self._client().do_action(action, self._options))
+        except flight.FlightUnauthenticatedError as exc:
+            raise _auth_error(self.location, exc) from None
         except _SERVER_LOST as exc:
             self._close()
             raise EngineServerError(
@@ -107,6 +114,8 @@ class FlightEngineClient:
             try:
                 self._exchange(todo, params, answers, on_row)
                 break
+            except flight.FlightUnauthenticatedError as exc:
+                raise _auth_error(self.location, exc) from None
             except _SERVER_LOST as exc:
                 self._close()
                 if not self.is_managed:
@@ -136,7 +145,8 @@ class FlightEngineClient:
 
     def _exchange(self, todo: list, params, answers: dict, on_row) -> None:
         command = wire.encode_command(self.client_id, params)
-        writer, reader = self._client().do_exchange(flight.FlightDescriptor.for_command(command))
+        descriptor = flight.FlightDescriptor.for_command(command)
+        writer, reader = self._client().do_exchange(descriptor, self._options)
         with writer:
             writer.begin(wire.REQUEST_SCHEMA)
             writer.write_table(wire.encode_requests(todo))
@@ -156,6 +166,13 @@ class FlightEngineClient:
 
 
 # ---- private ---------------------------------------------------------------------------------
+
+
+def _auth_error(location: str, exc: Exception) -> EngineServerError:
+    return EngineServerError(
+        f"engine server at {location} refused the API key ({exc}); pass api_key= or set "
+        f"${wire.API_KEY_ENV} to the key the server was started with"
+    )
 
 
 def _output(row: dict) -> Output:

@@ -1,259 +1,339 @@
-"""OpenAI-compatible HTTP in front of an EngineService, on the stdlib ThreadingHTTPServer.
+"""OpenAI-compatible HTTP in front of an EngineService: a FastAPI app served by uvicorn.
 
-Routes: GET /health, /ready, /v1/models; POST /v1/completions, /v1/chat/completions
-(`"stream": true` answers as server-sent events). Beyond OpenAI's fields a request may set
-`top_k`, `ignore_eos` and `guided_choice` (a list of strings the answer must be one of, as in vLLM).
-Errors are JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx / 5xx status.
+Routes: GET /health, /ready, /metrics (Prometheus), /v1/models, /openapi.json; POST
+/v1/completions, /v1/chat/completions (`"stream": true` answers as server-sent events).
+Bodies are the pydantic models of engine/http_models.py. Beyond OpenAI's fields a request may
+set `top_k`, `ignore_eos` and `guided_choice` (a list of strings the answer must be one of, as
+in vLLM). Errors are JSON `{"error": {"message", "type", "param", "code"}}`: 400 bad request,
+401 no key, 404, 413 / 415 / 408 (engine/http_guard.py), 429 with Retry-After when the
+client has too many requests waiting, 503 while loading or shutting down; never a traceback.
 
->>> server = start_http_server(service, "smollm2", "127.0.0.1", 0)   # doctest: +SKIP
->>> openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
-...               api_key="none").models.list().data[0].id          # doctest: +SKIP
-'smollm2'
+The routes only submit calls to the service and await their results (the service's loop
+thread owns the engine); a client that disconnects has its requests aborted.
+
+>>> app = create_app(service, "smollm2", HTTPConfig(), ServerMetrics(service))  # doctest: +SKIP
+
+engine/http_server.py serves it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-import threading
+import logging
+import queue
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from llmudf.engine import http_models as m
+from llmudf.engine.metrics import CONTENT_TYPE, ServerMetrics
 from llmudf.engine.params import SamplingParams
-from llmudf.engine.service import EngineService, ServiceUnavailable
+from llmudf.engine.service import EngineService, ServiceBusy, ServiceUnavailable
 
-MAX_BODY_BYTES = 8 << 20
+_log = logging.getLogger("llmudf.server")
+DISCONNECT_POLL_S = 0.25
+ERROR_RESPONSES = {
+    code: {"model": m.ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 429, 503)
+}
+
+
+@dataclass(slots=True)
+class HTTPConfig:
+    """How the HTTP API listens and what it allows (see ServerConfig for the meaning)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = None
+    max_body_bytes: int = 8 << 20
+    read_timeout: float = 30.0  # a stalled request body, or request headers, in seconds
+    keep_alive_timeout: int = 5
+    max_connections: int = 1024
+    max_waiting_per_client: int = 512
+    backlog: int = 2048
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.param, self.headers = status, param, headers
+
+
+PATHS = (
+    "/health",
+    "/ready",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/openapi.json",
+)
+
+
+def create_app(
+    service: EngineService, model_id: str, config: HTTPConfig, metrics: ServerMetrics
+) -> FastAPI:
+    """The FastAPI app of the OpenAI-compatible API over `service`."""
+    app = FastAPI(
+        title="llmudf engine server",
+        version="1",
+        docs_url=None,  # no pages that load scripts from a CDN
+        redoc_url=None,
+    )
+    answer = _Answerer(service, model_id, config)
+
+    @app.get("/health", response_model=m.Health, responses={503: {"model": m.Health}})
+    async def health():
+        alive = service.is_alive
+        body = {"status": "ok" if alive else "dead", "error": service.load_error}
+        return JSONResponse(body, 200 if alive else 503)
+
+    @app.get("/ready", response_model=m.Ready, responses={503: {"model": m.Ready}})
+    async def ready():
+        is_ready = service.is_ready
+        return JSONResponse({"ready": is_ready, "model": model_id}, 200 if is_ready else 503)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=m.ModelList, responses=ERROR_RESPONSES)
+    async def models():
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "llmudf"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions", response_model=m.Completion, responses=_STREAMING)
+    async def completions(body: m.CompletionRequest, request: Request):
+        return await answer(request, body, body.prompts, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=m.ChatCompletion, responses=_STREAMING)
+    async def chat_completions(body: m.ChatCompletionRequest, request: Request):
+        chat = [{"role": msg.role, "content": msg.text} for msg in body.messages]
+        return await answer(request, body, [chat], chat=True)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, exc: APIError):
+        return _error(exc.status, str(exc), exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            error = first.get("ctx", {}).get("error", "")
+            return _error(400, f"request body is not valid JSON: {error}")
+        # after "body", without the union member tags ("str", "list[constrained-str]")
+        loc = [str(p) for p in first.get("loc", ())[1:] if str(p) not in _TYPE_TAGS]
+        loc = [p for p in loc if "[" not in p and "-" not in p]
+        message = f"{'.'.join(loc) or 'request body'}: {first.get('msg')}"
+        return _error(400, message, loc[0] if loc else None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, message, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):
+        _log.exception("unexpected error answering an HTTP request", exc_info=exc)
+        return _error(500, "internal server error; the server log has the details")
+
+    return app
+
+
+_STREAMING = {
+    **ERROR_RESPONSES,
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or events if streaming"},
+}
+
+
+class _Answerer:
+    """Runs one completion request: submit, await the results, answer JSON or events."""
+
+    def __init__(self, service: EngineService, model_id: str, config: HTTPConfig):
+        self.service = service
+        self.model_id = model_id
+        self.config = config
+
+    async def __call__(self, request: Request, body, prompts: list, chat: bool):
+        if body.model is not None and body.model != self.model_id:
+            raise APIError(
+                404,
+                f"model {body.model!r} not found; this server serves {self.model_id!r}",
+                "model",
+            )
+        max_prompts = min(m.MAX_PROMPTS, self.config.max_waiting_per_client)
+        if len(prompts) > max_prompts:
+            raise APIError(400, f"at most {max_prompts} prompts per request", "prompt")
+        params = self._params(body)
+        if body.stream and len(prompts) != 1:
+            raise APIError(400, "streaming takes a single prompt", "prompt")
+        peer = request.client.host if request.client else "unknown"
+        client_id = f"http:{body.user or peer}"
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        request.state.client_id, request.state.request_id = client_id, request_id
+        results = _AsyncResults()
+        try:
+            call = self.service.submit(
+                client_id,
+                prompts,
+                params,
+                stream=body.stream,
+                max_waiting=self.config.max_waiting_per_client,
+                notify=results.notify,
+            )
+        except ServiceBusy as exc:
+            raise APIError(429, str(exc), None, {"Retry-After": str(exc.retry_after)}) from None
+        except ServiceUnavailable as exc:
+            raise APIError(503, str(exc), None, {"Retry-After": "5"}) from None
+        results.call = call
+        base = {"id": request_id, "created": int(time.time()), "model": self.model_id}
+        kind = "chat.completion" if chat else "text_completion"
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = _events(self.service, results, base, kind, chat, include_usage, params,
+                             request.state)  # fmt: skip
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        answers = await self._collect(request, results, len(prompts))
+        answers.sort(key=lambda r: r.index)
+        failed = [r for r in answers if r.error]
+        if failed:
+            raise APIError(failed[0].status, failed[0].error)
+        outs = [r.output for r in answers]
+        usage = _usage(outs)
+        request.state.usage = usage
+        choices = [_choice(o, i, chat) for i, o in enumerate(outs)]
+        return JSONResponse({**base, "object": kind, "choices": choices, "usage": usage})
+
+    def _params(self, body) -> SamplingParams:
+        fields = body.model_dump(include=set(_PARAM_KEYS), exclude_none=True)
+        if getattr(body, "max_completion_tokens", None) is not None:
+            fields["max_tokens"] = body.max_completion_tokens
+        if isinstance(fields.get("stop"), str):
+            fields["stop"] = [fields["stop"]]
+        if body.guided_choice is not None:
+            fields["choices"] = body.guided_choice
+        context = self.service.max_context
+        if context is not None and fields.get("max_tokens", 0) > context:
+            raise APIError(
+                400,
+                f"max_tokens={fields['max_tokens']} is more than the model's context of "
+                f"{context} tokens",
+                "max_tokens",
+            )
+        try:
+            return SamplingParams(**fields)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, str(exc)) from None
+
+    async def _collect(self, request: Request, results: _AsyncResults, num: int) -> list:
+        answers = []
+        try:
+            while len(answers) < num:
+                try:
+                    answers.append(await asyncio.wait_for(results.next(), DISCONNECT_POLL_S))
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        # nginx's "client closed request"; nobody reads it, the log does
+                        raise APIError(499, "the client closed the connection") from None
+        except BaseException:  # gone, or the server stops: free the engine
+            self.service.cancel(results.call)
+            raise
+        return answers
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 _PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.param = param
+class _AsyncResults:
+    """A call's results on the event loop: the engine thread's `notify` wakes `next()`."""
+
+    def __init__(self):
+        self.call = None
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+
+    def notify(self) -> None:  # on the engine's loop thread
+        # RuntimeError: the event loop has closed (server stopped), nobody listens
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def next(self):
+        while True:
+            self._wake.clear()
+            try:
+                return self.call.results.get_nowait()
+            except queue.Empty:
+                await self._wake.wait()
 
 
-def start_http_server(
-    service: EngineService, model_id: str, host: str = "127.0.0.1", port: int = 0
-) -> ThreadingHTTPServer:
-    """Serve `service` over HTTP on a background thread; `server.shutdown()` stops it."""
-    handler = type("Handler", (_Handler,), {"service": service, "model_id": model_id})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="llmudf-http", daemon=True).start()
-    return server
+async def _events(service, results, base, kind, chat, include_usage, params, state):
+    """The server-sent events of one streamed answer; cancels the call if the client goes."""
+    obj = f"{kind}.chunk" if chat else kind
+    # text cut by stop strings or mapped to a choice is only known at the end
+    incremental = not params.stop and params.choices is None
 
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
 
-class _Handler(BaseHTTPRequestHandler):
-    service: EngineService
-    model_id: str
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format, *args):  # keep the server's stdout for real messages
-        pass
-
-    def do_GET(self):
-        self._dispatch({"/health": self._health, "/ready": self._ready, "/v1/models": self._models})
-
-    def do_POST(self):
-        self._dispatch({"/v1/completions": self._completions, "/v1/chat/completions": self._chat})
-
-    # ---- routes --------------------------------------------------------------------------
-
-    def _health(self):
-        alive = self.service.is_alive
-        body = {"status": "ok" if alive else "dead", "error": self.service.load_error}
-        self._send_json(200 if alive else 503, body)
-
-    def _ready(self):
-        ready = self.service.is_ready
-        self._send_json(200 if ready else 503, {"ready": ready, "model": self.model_id})
-
-    def _models(self):
-        card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "llmudf"}
-        self._send_json(200, {"object": "list", "data": [card]})
-
-    def _completions(self):
-        body = self._read_body()
-        prompts = body.get("prompt")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if (
-            not isinstance(prompts, list)
-            or not prompts
-            or not all(isinstance(p, str) for p in prompts)
-        ):
-            raise HTTPError(400, "prompt must be a string or a non-empty list of strings", "prompt")
-        self._answer(body, prompts, "text_completion", chat=False)
-
-    def _chat(self):
-        body = self._read_body()
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise HTTPError(400, "messages must be a non-empty list", "messages")
-        self._answer(body, [self._chat_prompt(messages)], "chat.completion", chat=True)
-
-    # ---- helpers -------------------------------------------------------------------------
-
-    def _dispatch(self, routes):
-        route = routes.get(self.path.split("?", 1)[0])
-        try:
-            if route is None:
-                raise HTTPError(404, f"no route {self.command} {self.path}")
-            route()
-        except HTTPError as exc:
-            self._send_error(exc.status, str(exc), exc.param)
-        except ServiceUnavailable as exc:
-            self._send_error(503, str(exc))
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    def _read_body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            raise HTTPError(413, f"request body of {length} bytes is over {MAX_BODY_BYTES}")
-        try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise HTTPError(400, "request body must be a JSON object")
-        model = body.get("model")
-        if model is not None and model != self.model_id:
-            raise HTTPError(
-                404, f"model {model!r} not found; this server serves {self.model_id!r}", "model"
-            )
-        if body.get("n", 1) != 1:
-            raise HTTPError(400, "only n=1 is supported", "n")
-        return body
-
-    def _chat_prompt(self, messages: list) -> list[dict]:
-        """The engine's chat (engine/prompts.py): role and plain-text content per message."""
-        chat = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise HTTPError(
-                    400, f"messages[{i}] needs a role of system, user or assistant", "messages"
-                )
-            chat.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
-        return chat
-
-    def _params(self, body: dict) -> SamplingParams:
-        kwargs = {k: body[k] for k in _PARAM_KEYS if body.get(k) is not None}
-        if body.get("max_completion_tokens") is not None:
-            kwargs["max_tokens"] = body["max_completion_tokens"]
-        if isinstance(kwargs.get("stop"), str):
-            kwargs["stop"] = [kwargs["stop"]]
-        if body.get("guided_choice") is not None:
-            kwargs["choices"] = body["guided_choice"]
-        try:
-            return SamplingParams(**kwargs)
-        except (ValueError, TypeError) as exc:
-            raise HTTPError(400, str(exc)) from exc
-
-    def _answer(self, body: dict, prompts: list, kind: str, chat: bool):
-        params = self._params(body)
-        stream = bool(body.get("stream"))
-        if stream and len(prompts) != 1:
-            raise HTTPError(400, "streaming takes a single prompt", "prompt")
-        client_id = str(body.get("user") or f"http:{self.client_address[0]}")
-        call = self.service.submit(client_id, prompts, params, stream=stream)
-        base = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "created": int(time.time()),
-            "model": self.model_id,
-        }
-        if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            # text cut by stop strings or mapped to a choice is only known at the end
-            incremental = not params.stop and params.choices is None
-            return self._stream(call, base, kind, chat, include_usage, incremental)
-        results = sorted((call.results.get() for _ in prompts), key=lambda r: r.index)
-        errors = [r.error for r in results if r.error]
-        if errors:
-            raise HTTPError(400, errors[0])
-        outs = [r.output for r in results]
-        choices = [_choice(o, i, chat) for i, o in enumerate(outs)]
-        self._send_json(200, {**base, "object": kind, "choices": choices, "usage": _usage(outs)})
-
-    def _stream(self, call, base, kind: str, chat: bool, include_usage: bool, incremental: bool):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        obj = f"{kind}.chunk" if chat else kind
-
-        def chunk(text: str | None, finish_reason: str | None = None) -> None:
-            if chat:
-                delta = {} if text is None else {"content": text}
-                if text == "":
-                    delta["role"] = "assistant"
-                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish_reason}
-            self._send_event({**base, "object": obj, "choices": [choice]})
-
+    def chunk(text: str | None, finish_reason: str | None = None) -> str:
         if chat:
-            chunk("")
+            delta = {} if text is None else {"content": text}
+            if text == "":
+                delta["role"] = "assistant"
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason}
+        return event({**base, "object": obj, "choices": [choice]})
+
+    finished = False
+    try:
+        if chat:
+            yield chunk("")
         sent, token_ids = "", []
-        tokenizer = self.service.tokenizer
-        try:
-            while (result := call.results.get()).token_id is not None:
-                token_ids.append(result.token_id)
-                text = tokenizer.decode(token_ids)
-                # hold back a half-decoded UTF-8 character
-                if incremental and not text.endswith("\ufffd") and len(text) > len(sent):
-                    chunk(text[len(sent) :])
-                    sent = text
-        except (BrokenPipeError, ConnectionResetError):
-            self.service.cancel(call)  # the client hung up: free its engine slot
-            raise
+        while (result := await results.next()).token_id is not None:
+            token_ids.append(result.token_id)
+            text = service.tokenizer.decode(token_ids)
+            # hold back a half-decoded UTF-8 character
+            if incremental and not text.endswith("\ufffd") and len(text) > len(sent):
+                yield chunk(text[len(sent) :])
+                sent = text
+        finished = True
         if result.error:
-            self._send_event({"error": {"message": result.error, "type": "invalid_request_error"}})
+            error_type = "invalid_request_error" if result.status < 500 else "server_error"
+            error = {"message": result.error, "type": error_type, "code": str(result.status)}
+            yield event({"error": error})
         else:
             out = result.output
             rest = out.text[len(sent) :] if out.text.startswith(sent) else out.text
             if rest:
-                chunk(rest)
-            chunk(None, _finish_reason(out))
+                yield chunk(rest)
+            yield chunk(None, _finish_reason(out))
+            state.usage = _usage([out])
             if include_usage:
-                self._send_event({**base, "object": obj, "choices": [], "usage": _usage([out])})
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-    def _send_event(self, payload: dict):
-        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-        self.wfile.flush()
-
-    def _send_json(self, status: int, payload: dict):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, status: int, message: str, param: str | None = None):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        code = {404: "not_found", 413: "request_too_large", 503: "unavailable"}.get(status)
-        error = {"message": message, "type": kind, "param": param, "code": code}
-        self.close_connection = True  # the request body may be unread
-        self._send_json(status, {"error": error})
+                yield event({**base, "object": obj, "choices": [], "usage": state.usage})
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away (or the server stops): free its engine slot
+            service.cancel(results.call)
 
 
-def _content_text(content, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in content
-    ):
-        return "".join(p["text"] for p in content)
-    raise HTTPError(
-        400, f"messages[{i}].content must be a string or a list of text parts", "messages"
-    )
+def _error(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = {404: "not_found", 429: "rate_limited", 503: "unavailable"}.get(status, str(status))
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": error}, status, headers=headers)
 
 
 def _finish_reason(out) -> str:

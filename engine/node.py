@@ -85,7 +85,7 @@ def _read_state(path: Path) -> dict | None:
 
 
 def _is_serving(location: str, timeout: float = 5.0) -> bool:
-    options = flight.FlightCallOptions(timeout=timeout)
+    options = wire.call_options(wire.api_key_from_env(), timeout=timeout)
     try:
         with flight.FlightClient(location) as conn:
             body = wire.decode_action(conn.do_action(flight.Action("ready", b""), options))

@@ -4,12 +4,15 @@ Flight and HTTP handlers run on their own threads and never touch the Engine. Th
 `submit` a call (a list of prompts from one client) and read its answers from the call's
 queue as requests finish. The loop admits waiting requests into the engine in VTC order
 (engine/vtc.py), keeping at most `max_in_engine` there so that the admission order, not the
-engine's own queue, decides who is served next.
+engine's own queue, decides who is served next. A caller on an event loop passes `notify`
+to `submit`: it is called (on the loop thread) after each Result is queued.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -20,32 +23,56 @@ from llmudf.engine.prompts import is_chat
 from llmudf.engine.vtc import FairQueue
 
 CHARS_PER_TOKEN = 4  # admission-time estimate of prompt tokens; corrected when it finishes
+SHUTDOWN_ERROR = "engine server shut down before this request finished"
+_log = logging.getLogger("llmudf.server")
 
 
 class ServiceUnavailable(RuntimeError):
     """The engine is still loading, failed to load, or the server is shutting down."""
 
 
+class ServiceBusy(RuntimeError):
+    """A client has too many requests waiting; it may retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(slots=True)
 class Result:
-    """One answer of a call: `output` (an engine Output) or `error` (why it has none); in a
+    """One answer of a call: `output` (an engine Output) or `error` (why it has none, and an
+    HTTP-like `status`: 400 bad request, 500 engine failure, 503 server shutting down); in a
     streaming call also one per generated token, with only `token_id` set."""
 
     index: int
     output: object | None = None
     error: str | None = None
     token_id: int | None = None
+    status: int = 200
 
 
 class Call:
     """The answers of one submitted batch arrive on `results` (one Result per prompt)."""
 
-    def __init__(self, client_id: str, num_prompts: int, stream: bool = False):
+    def __init__(
+        self,
+        client_id: str,
+        num_prompts: int,
+        stream: bool = False,
+        notify: Callable[[], None] | None = None,
+    ):
         self.client_id = client_id
         self.num_prompts = num_prompts
         self.is_streaming = stream
         self.results: queue.Queue[Result] = queue.Queue()
         self.is_cancelled = False
+        self._notify = notify
+
+    def put(self, result: Result) -> None:
+        self.results.put(result)
+        if self._notify is not None:
+            self._notify()
 
     def next_answer(self, timeout: float | None = None) -> Result:
         """The next finished request's Result, skipping per-token ones."""
@@ -88,6 +115,11 @@ class EngineService:
         self.load_error: str | None = None
         self.is_accepting = True
         self.num_served = 0
+        self.num_failed = 0
+        self.num_prompt_tokens = 0  # of answered requests, Flight and HTTP together
+        self.num_cached_tokens = 0
+        self.num_generated_tokens = 0
+        self.on_step: Callable[[float, int], None] | None = None  # (seconds, num outputs)
         self._last_active = time.monotonic()
         self._fair = FairQueue(fair=fair)
         self._running: dict[object, _Ticket] = {}
@@ -126,6 +158,16 @@ class EngineService:
         with self._cond:
             return len(self._running)
 
+    def queue_depths(self) -> dict[str, tuple[int, int]]:
+        """(waiting, running) requests per client that has any."""
+        with self._cond:
+            return self._fair.depths()
+
+    @property
+    def max_context(self) -> int | None:
+        """The engine's context in tokens (prompt + generated); None while it loads."""
+        return getattr(self.engine, "max_len", None)
+
     @property
     def idle_seconds(self) -> float:
         """Seconds since the last request arrived or finished; 0 while there is work."""
@@ -140,21 +182,32 @@ class EngineService:
         return getattr(self.engine, "tokenizer", None)
 
     def engine_stats(self) -> dict | None:
-        """The engine's counters (None before it is built): steps, tokens, time in steps."""
+        """The engine's counters (None before it is built): every field of its stats (steps,
+        tokens, time in steps, and whatever else the engine counts) and the prefix hit rate."""
         stats = getattr(self.engine, "stats", None)
         if stats is None:
             return None
-        counts = ("num_steps", "num_prompt_tokens", "num_cached_tokens", "num_forward_tokens")
-        return {
-            **{name: getattr(stats, name) for name in counts},
-            "elapsed_s": round(stats.elapsed_s, 4),
-        }
+        body = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
+        body["elapsed_s"] = round(body.get("elapsed_s", 0.0), 4)
+        if hasattr(stats, "prefix_hit_rate"):
+            body["prefix_hit_rate"] = round(stats.prefix_hit_rate, 4)
+        return body
 
-    def submit(self, client_id: str, prompts: list, params, stream: bool = False) -> Call:
+    def submit(
+        self,
+        client_id: str,
+        prompts: list,
+        params,
+        stream: bool = False,
+        *,
+        max_waiting: int | None = None,
+        notify: Callable[[], None] | None = None,
+    ) -> Call:
         """Queue `prompts` (each a chat, templated str or token ids: engine/prompts.py) for
         `client_id`; `params` is one SamplingParams for all or a list with one per prompt.
         `stream`: also put a Result with `token_id` on the call's queue for each generated
-        token."""
+        token. `max_waiting`: raise ServiceBusy instead if the client would have more than
+        this many requests waiting. `notify`: see the module docstring."""
         if self.load_error is not None:
             raise ServiceUnavailable(f"engine failed to load: {self.load_error}")
         if not self.is_accepting:
@@ -162,8 +215,16 @@ class EngineService:
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        call = Call(client_id, len(prompts), stream)
+        call = Call(client_id, len(prompts), stream, notify)
         with self._cond:
+            if max_waiting is not None:
+                waiting = self._fair.depths().get(client_id, (0, 0))[0]
+                if waiting + len(prompts) > max_waiting:
+                    raise ServiceBusy(
+                        f"client {client_id!r} has {waiting} requests waiting; at most "
+                        f"{max_waiting} may wait",
+                        retry_after=1 + waiting // max(1, self._max_in_engine or 1),
+                    )
             self._last_active = time.monotonic()
             for i, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
                 cost = self._fair.prompt_weight * _estimate_tokens(prompt)
@@ -196,7 +257,7 @@ class EngineService:
         with self._cond:
             self._cond.notify()
         self._thread.join(timeout=10)
-        self._fail_all("engine server shut down before this request finished")
+        self._fail_all(SHUTDOWN_ERROR, status=503)
 
     # ---- the loop thread -----------------------------------------------------------------
 
@@ -218,11 +279,15 @@ class EngineService:
                 if not self._running:
                     self._cond.wait(0.05)
                     continue
+            start = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a broken step fails its requests, not the server
-                self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}")
+                _log.exception("engine step failed")
+                self._fail_running(f"engine step failed: {type(exc).__name__}: {exc}", 500)
                 continue
+            if self.on_step is not None:
+                self.on_step(time.perf_counter() - start, len(outputs))
             with self._cond:
                 for out in outputs:
                     self._deliver(out)
@@ -241,7 +306,9 @@ class EngineService:
                 )
             except Exception as exc:  # bad prompt (too long, bad params): answer with why
                 self._fair.finish(client_id, ticket.cost, 0, 0)
-                ticket.call.results.put(Result(ticket.index, error=f"{type(exc).__name__}: {exc}"))
+                self.num_failed += 1
+                error = f"{type(exc).__name__}: {exc}"
+                ticket.call.put(Result(ticket.index, error=error, status=400))
                 continue
             self._running[ticket.engine_id] = ticket
 
@@ -256,8 +323,11 @@ class EngineService:
             out.num_generated_tokens,
         )
         self.num_served += 1
+        self.num_prompt_tokens += out.num_prompt_tokens
+        self.num_cached_tokens += out.num_cached_tokens
+        self.num_generated_tokens += out.num_generated_tokens
         self._last_active = time.monotonic()
-        ticket.call.results.put(Result(ticket.index, output=out))
+        ticket.call.put(Result(ticket.index, output=out))
 
     def _apply_cancellations(self) -> None:
         for call in self._to_cancel:
@@ -270,30 +340,30 @@ class EngineService:
                     self._fair.finish(call.client_id, ticket.cost, 0, 0)
         self._to_cancel.clear()
 
-    def _fail_running(self, error: str) -> None:
+    def _fail_running(self, error: str, status: int) -> None:
         with self._cond:
             for engine_id, ticket in list(self._running.items()):
                 # the engine may be in a bad state already; the error sent says so
                 with contextlib.suppress(Exception):
                     self.engine.abort(engine_id)
                 self._fair.finish(ticket.call.client_id, ticket.cost, 0, 0)
-                ticket.call.results.put(Result(ticket.index, error=error))
+                self.num_failed += 1
+                ticket.call.put(Result(ticket.index, error=error, status=status))
             self._running.clear()
             self._cond.notify_all()
 
-    def _fail_all(self, error: str) -> None:
-        self._fail_running(error)
+    def _fail_all(self, error: str, status: int) -> None:
+        self._fail_running(error, status)
         with self._cond:
             while (popped := self._fair.pop()) is not None:
                 client_id, ticket = popped
                 self._fair.finish(client_id, ticket.cost, 0, 0)
-                ticket.call.results.put(Result(ticket.index, error=error))
+                self.num_failed += 1
+                ticket.call.put(Result(ticket.index, error=error, status=status))
 
 
 def _token_sink(ticket: _Ticket):
-    return lambda _request_id, token_id: ticket.call.results.put(
-        Result(ticket.index, token_id=token_id)
-    )
+    return lambda _request_id, token_id: ticket.call.put(Result(ticket.index, token_id=token_id))
 
 
 def _estimate_tokens(prompt) -> int:

@@ -90,6 +90,14 @@ class FairQueue:
             + self.output_weight * num_generated
         )
 
+    def depths(self) -> dict[str, tuple[int, int]]:
+        """(waiting, running) requests of each client that has any."""
+        return {
+            cid: (len(c.waiting), c.num_running)
+            for cid, c in self._clients.items()
+            if c.waiting or c.num_running
+        }
+
     def counter(self, client_id: str) -> float:
         """The service `client_id` has received so far, in weighted tokens."""
         return self._clients[client_id].counter if client_id in self._clients else 0.0

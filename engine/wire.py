@@ -7,7 +7,10 @@
 - the server streams answer batches (`ANSWER_SCHEMA`) as requests finish, in finish order.
 
 Actions: `health`, `ready`, `stats` (JSON bodies). Malformed input is `pa.ArrowInvalid`
-naming the problem, which Flight carries back to the client.
+naming the problem; the servicer sends its message back (never a traceback).
+
+Auth: a server started with an API key wants the header `authorization: Bearer <key>` on
+every call (`call_options`); clients take the key from `$LLMUDF_API_KEY` by default.
 
 >>> client_id, params = decode_command(encode_command("me", {"max_tokens": 4}))
 >>> client_id, params.max_tokens
@@ -17,9 +20,11 @@ naming the problem, which Flight carries back to the client.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 import pyarrow as pa
+import pyarrow.flight as flight
 
 from llmudf.engine.params import SamplingParams
 from llmudf.engine.prompts import chat_columns, chat_messages, is_chat
@@ -41,11 +46,22 @@ ANSWER_SCHEMA = pa.schema(
         ("error", pa.string()),  # non-null: this request got no answer, and why
     ]
 )
+API_KEY_ENV = "LLMUDF_API_KEY"
 ACTIONS = {
     "health": "is the engine loop alive",
     "ready": "is the model loaded and the server accepting work",
     "stats": "queue lengths and requests served",
 }
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def call_options(api_key: str | None, timeout: float | None = None) -> flight.FlightCallOptions:
+    """Call options that carry `api_key` (if any) as a bearer token."""
+    headers = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else None
+    return flight.FlightCallOptions(timeout=timeout, headers=headers)
 
 
 def encode_command(client_id: str, params) -> bytes:

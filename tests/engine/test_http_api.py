@@ -129,13 +129,17 @@ def raw(server, method: str, path: str, body: bytes | None = None) -> tuple[int,
     ("method", "path", "body", "status", "message"),
     [
         ("POST", "/v1/completions", b"{not json", 400, "not valid JSON"),
-        ("POST", "/v1/completions", b"[1, 2]", 400, "JSON object"),
-        ("POST", "/v1/completions", b'{"prompt": 5}', 400, "prompt must be"),
+        ("POST", "/v1/completions", b"[1, 2]", 400, "request body: Input should be a valid dict"),
+        ("POST", "/v1/completions", b'{"prompt": 5}', 400, "prompt: Input should be"),
         ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
-        ("POST", "/v1/completions", b'{"prompt": "x", "n": 3}', 400, "n=1"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 9999}', 400, "context of"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "n": 3}', 400, "n: Input should be"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "temperature": 1e300}', 400, "temperature"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "stream_options": "yes"}', 400, "stream_"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "stop": ""}', 400, "stop strings"),
         ("POST", "/v1/completions", b'{"prompt": "x", "model": "gpt-9"}', 404, "gpt-9"),
         ("POST", "/v1/completions", b'{"prompt": "' + b"x" * 5000 + b'"}', 400, "prompt"),
-        ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "messages must be"),
+        ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "at least 1 item"),
         ("POST", "/v1/chat/completions", b'{"messages": [{"role": "bot"}]}', 400, "role"),
         (
             "POST",
@@ -144,8 +148,8 @@ def raw(server, method: str, path: str, body: bytes | None = None) -> tuple[int,
             400,
             "content",
         ),
-        ("GET", "/v1/nothing", None, 404, "no route"),
-        ("POST", "/v1/models", b"{}", 404, "no route"),
+        ("GET", "/v1/nothing", None, 404, "no route GET /v1/nothing"),
+        ("POST", "/v1/models", b"{}", 405, "POST is not allowed on /v1/models"),
     ],
 )
 def test_bad_requests_get_clear_json_errors_and_server_stays_up(
@@ -186,3 +190,64 @@ def test_burst_of_concurrent_http_clients_all_answered(client, server, local_eng
     for t in threads:
         t.join(timeout=120)
     assert [got.get(i) for i in range(12)] == expected
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    line = next(x for x in text.splitlines() if x.startswith(f"{name}{labels} "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_metrics_count_requests_tokens_and_engine_stats(client, server, caplog):
+    def scrape() -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain")
+        return resp.read().decode()
+
+    before = scrape()
+    with caplog.at_level("INFO", logger="llmudf.server"):
+        resp = client.completions.create(model=server.model_id, prompt="count me", max_tokens=3)
+    after = scrape()
+    usage = resp.usage
+    for name, added in [
+        ("llmudf_prompt_tokens_total", usage.prompt_tokens),
+        ("llmudf_generated_tokens_total", usage.completion_tokens),
+        ("llmudf_requests_served_total", 1),
+    ]:
+        assert metric(after, name) - metric(before, name) == added, name
+    path = '{path="/v1/completions",status="200"}'
+    assert metric(after, "llmudf_http_requests_total", path) >= 1
+    assert metric(after, "llmudf_engine_step_seconds_count") > metric(
+        before, "llmudf_engine_step_seconds_count"
+    )
+    # every numeric engine stat is exported, as are the hit rate and the ready flag
+    stats = server.service.engine_stats()
+    assert metric(after, "llmudf_engine_num_prompt_tokens") == stats["num_prompt_tokens"]
+    assert 0 <= metric(after, "llmudf_prefix_cache_hit_rate") <= 1
+    assert metric(after, "llmudf_ready") == 1
+    # one structured log line per request, with its tokens
+    lines = [json.loads(r.message) for r in caplog.records if r.message.startswith("{")]
+    line = next(x for x in lines if x.get("path") == "/v1/completions")
+    assert line["status"] == 200 and line["prompt_tokens"] == usage.prompt_tokens
+    assert line["request_id"] == resp.id
+
+
+def test_openapi_schema_describes_the_api(server):
+    status, schema = raw(server, "GET", "/openapi.json")
+    assert status == 200
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+    assert "messages" in schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+
+
+def test_internal_errors_carry_a_message_never_a_traceback(server, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.service, "submit", broken)
+    with caplog.at_level("ERROR", logger="llmudf.server"):
+        status, payload = raw(server, "POST", "/v1/completions", b'{"prompt": "x"}')
+    assert status == 500 and payload["error"]["type"] == "server_error"
+    assert "server log" in payload["error"]["message"]
+    assert "secret internals" not in json.dumps(payload) and "Traceback" not in json.dumps(payload)
+    assert any("secret internals" in r.getMessage() or r.exc_info for r in caplog.records)

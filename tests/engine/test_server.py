@@ -108,8 +108,9 @@ def exchange(location: str, table: pa.Table, command: bytes = b"{}"):
     ],
 )
 def test_malformed_batches_get_clear_errors_and_server_stays_up(server, table, command, message):
-    with pytest.raises(pa.ArrowInvalid, match=message):
+    with pytest.raises(flight.FlightServerError, match=message) as info:
         exchange(server.location, table, command)
+    assert "Traceback" not in str(info.value)  # the message, never the server's traceback
     answer = FlightEngineClient(server.location).generate(PROMPTS[:1], PARAMS)
     assert len(answer) == 1 and answer[0].num_generated_tokens > 0
 
@@ -196,3 +197,13 @@ def test_shutdown_without_drain_returns_in_flight_work_as_errors(tiny_model_dir)
     errors = [r.error for r in results if r.error]
     assert errors and all("shut down" in e for e in errors)
     assert sorted(r.index for r in results) == list(range(20))  # none lost, none twice
+
+
+def test_internal_flight_errors_carry_no_traceback(server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.service, "submit", broken)
+    with pytest.raises(flight.FlightServerError, match="internal error") as info:
+        exchange(server.location, pa.table({"id": [1], "user": ["a"]}))
+    assert "secret internals" not in str(info.value) and "Traceback" not in str(info.value)
