@@ -18,18 +18,22 @@ import threading
 
 import duckdb
 import pyarrow as pa
+import sqlglot
 from sqlglot import exp
 
 from llmudf.calls.config import Config
 from llmudf.calls.functions import FUNCTIONS, FunctionSpec, LLMCallError
 from llmudf.optimizer.explain import LLMExplain, explain_call
 from llmudf.optimizer.plan import PlanOptions, plan_call
+from llmudf.optimizer.reduce_sql import REDUCE_LISTS, has_reduce, rewrite_reduce
 from llmudf.optimizer.rewrite import AnswerStep, QueryRewrite, UnsupportedQuery
 from llmudf.runtime.cache import open_cache
 from llmudf.runtime.chunk_call import bind_chunk
 from llmudf.runtime.client import explain_tokenizer, get_client, measured_tokens_per_s
+from llmudf.runtime.embed import embed_array, embed_dimension
 from llmudf.runtime.executor import CallStats, StatsTable, run_call
 from llmudf.runtime.query_driver import CallInput, drive
+from llmudf.runtime.reduce_memo import ReduceMemo
 
 _LLM_CALL = re.compile(r"\bllm(_filter|_choice|_score|_json)?\s*\(", re.IGNORECASE)
 
@@ -48,13 +52,17 @@ class LLMRuntime:
         result = run_call(spec, instruction, fields, self.config, get_client(config), self.cache)
         if num_rows is not None:
             result.stats.num_rows = num_rows
-        with self._lock:
-            same = [s for s in self.stats if s.site == result.stats.site]
-            if same:  # the per-chunk path: one CallStats per site, summed over chunks
-                same[0].add(result.stats)
-            else:
-                self.stats.append(result.stats)
+        self.record(result.stats)
         return result.answers
+
+    def record(self, stats: CallStats) -> None:
+        """Add a call's stats to the latest query's (summed per site over chunks)."""
+        with self._lock:
+            same = [s for s in self.stats if s.site == stats.site]
+            if same:
+                same[0].add(stats)
+            else:
+                self.stats.append(stats)
 
 
 def register(con: duckdb.DuckDBPyConnection, config: Config | None = None, **options) -> LLMRuntime:
@@ -81,7 +89,54 @@ def register(con: duckdb.DuckDBPyConnection, config: Config | None = None, **opt
             # one evaluation, which is what the result cache would give them anyway
             side_effects=False,
         )
+    _register_embed(con, runtime)
+    _register_reduce(con, runtime)
     return runtime
+
+
+def _register_embed(con: duckdb.DuckDBPyConnection, runtime: LLMRuntime) -> None:
+    """`llm_embed(text) -> FLOAT[d]` (d = 384 for the default model): a fixed-size array, so
+    DuckDB's array_cosine_similarity / array_distance take it."""
+    config = runtime.config
+    dimension = embed_dimension(config.embed_model)
+
+    def udf(values) -> pa.Array:
+        return embed_array(values, config, runtime.cache, site="llm_embed")
+
+    con.create_function(
+        "llm_embed",
+        udf,
+        None,  # any type: a non-text argument gets our error, not DuckDB's "no function"
+        duckdb.array_type(duckdb.sqltype("FLOAT"), dimension),
+        type="arrow",
+        null_handling="special",
+        side_effects=False,
+    )
+
+
+_MAX_REDUCE_ARGS = 8
+
+
+def _register_reduce(con: duckdb.DuckDBPyConnection, runtime: LLMRuntime) -> None:
+    """`llm_reduce(instruction, field, ...)`, the aggregate: a temp macro per number of
+    arguments collects each group's rows (`list(row(...))`) for `__llm_reduce_lists`
+    (`ReduceMemo`). `connect()`'s queries call `__llm_reduce_lists` directly, with their
+    fields named (`llmudf.optimizer.reduce_sql`)."""
+    runtime.reduce = ReduceMemo(runtime.config, runtime.cache, runtime.record)
+    con.create_function(
+        REDUCE_LISTS,
+        runtime.reduce,
+        None,
+        "VARCHAR",
+        type="arrow",
+        null_handling="special",
+        side_effects=False,
+    )
+    overloads = []
+    for n in range(1, _MAX_REDUCE_ARGS + 1):
+        names = ", ".join(f"a{i}" for i in range(1, n + 1))
+        overloads.append(f"(i, {names}) AS {REDUCE_LISTS}(i, list(row({names})))")
+    con.execute(f"CREATE OR REPLACE TEMP MACRO llm_reduce{', '.join(overloads)}")
 
 
 def connect(
@@ -146,6 +201,8 @@ class Connection:
 
     def explain_llm(self, query: str) -> LLMExplain:
         """What the whole-query path would do, without running the LLM (see LLMExplain)."""
+        if has_reduce(query):
+            query = rewrite_reduce(query, "duckdb")
         rewrite = QueryRewrite(query, "duckdb")
         sites = []
         tokenize, render = explain_tokenizer(self.config)
@@ -170,13 +227,19 @@ class Connection:
                 row_counts=call.row_counts,
                 tokens_per_s=measured_tokens_per_s(self.config),
                 new_tokens=site.spec.max_new_tokens(site.spec.config(self.config)),
+                blocking=getattr(call, "blocking", None),  # a semantic join's JoinInput
             )
             sites.append(explained)
             nulls = pa.nulls(call.num_tuples, site.spec.function.arrow_type)
             return _duck_answers(site.spec.function, nulls)
 
         try:
-            final = drive(rewrite, self._run_sql, plan_only, self._bind, assume_pass=True).sql
+            final = drive(
+                rewrite, self._run_sql, plan_only, self._bind, assume_pass=True, config=self.config
+            ).sql
+            if REDUCE_LISTS in final.lower():  # the groups the query yields, planned
+                run = self._duck("sql", final, None).to_arrow_table
+                sites += self.runtime.reduce.explain(run)
         finally:
             self._scope, self._answers = ({}, {}), {}
         return LLMExplain(final, tuple(sites))
@@ -200,7 +263,7 @@ class Connection:
         self.last_fallback = None
         self._scope, self._answers = scope, {}
         try:
-            if not _LLM_CALL.search(query):
+            if not _LLM_CALL.search(query) and not has_reduce(query):
                 return self._duck(method, query, params)
             statements = _split_statements(query)
             if len(statements) > 1 and params is None:
@@ -214,23 +277,35 @@ class Connection:
 
     def _statement(self, method: str, query: str, params):
         """One statement: rewritten when the rewrite covers it, else per chunk."""
+        if has_reduce(query):  # llm_reduce: checked, and its groups collected as lists
+            query = rewrite_reduce(query, "duckdb")
         try:
             rewrite = QueryRewrite(query, "duckdb", params=params)
         except UnsupportedQuery as exc:
             return self._per_chunk(method, query, params, exc)
         if not rewrite.sites:
-            return self._duck(method, query, params)
+            return self._final(method, query, params)
         if not self.config.rewrite:
             return self._per_chunk(method, query, params, "rewrite off")
         try:
-            final = drive(rewrite, self._run_sql, self._answer, self._bind).sql
-            return self._duck(method, final, None)
+            final = drive(rewrite, self._run_sql, self._answer, self._bind, config=self.config).sql
+            return self._final(method, final, None)
         except duckdb.InterruptException:
             raise  # the user stopped the query: never run it again per chunk
         except (UnsupportedQuery, duckdb.Error) as exc:
             # the rewrite's own SQL failed, or the user's query is wrong: the per-chunk path
             # tells them apart (it raises the user's error, naming the call site)
             return self._per_chunk(method, query, params, exc)
+
+    def _final(self, method: str, sql: str, params):
+        """Run the final SQL; one with llm_reduce answers its groups first, together (its
+        query, or the query of its CREATE TABLE AS / INSERT, runs once to collect them)."""
+        if REDUCE_LISTS in sql.lower():
+            select = _query_of(sql)
+            if select is not None:
+                run = self._duck("sql", select, params).to_arrow_table
+                self.runtime.reduce.prefetch(run)
+        return self._duck(method, sql, params)
 
     def _per_chunk(self, method: str, query: str, params, reason):
         if isinstance(reason, Exception):
@@ -321,6 +396,18 @@ def _caller_scope() -> tuple[dict, dict]:
     if frame is None:
         return {}, {}
     return frame.f_globals, dict(frame.f_locals)
+
+
+def _query_of(sql: str) -> str | None:
+    """The query that yields a statement's rows: itself, or that of a CREATE TABLE AS /
+    INSERT ... SELECT; None for anything else."""
+    try:
+        tree = sqlglot.parse_one(sql, read="duckdb")
+    except sqlglot.errors.ParseError:
+        return None
+    if isinstance(tree, exp.Create | exp.Insert) and tree.args.get("kind") != "VIEW":
+        tree = tree.expression
+    return tree.sql("duckdb") if isinstance(tree, exp.Query) else None
 
 
 def _split_statements(query: str) -> list[str]:

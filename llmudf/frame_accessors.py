@@ -112,6 +112,17 @@ class DataFrameLLM(_LLM):
             self._obj, instruction, schema, fields, expand, config=config, **options
         )
 
+    def reduce(
+        self, instruction: str, fields=None, by=None, *, config: Config | None = None, **options
+    ):
+        """One answer per group of rows (SQL `llm_reduce ... GROUP BY by`): a Series indexed by
+        the group keys; by=None: one str for the whole frame (`llmudf.frame_reduce`).
+
+        >>> df.llm.reduce("What do they share?", ["title"], by="genre")      # doctest: +SKIP
+        """
+        module = importlib.import_module("llmudf.frame_reduce")
+        return module.llm_reduce(self._obj, instruction, fields, by, config=config, **options)
+
 
 class SeriesLLM(_LLM):
     """`s.llm`: the LLM functions over one named pandas or Polars Series (its name is the

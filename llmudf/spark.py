@@ -9,10 +9,13 @@ from llmudf.connectors.spark import (
     SparkClient,
     llm,
     llm_choice,
+    llm_embed,
     llm_filter,
     llm_json,
+    llm_reduce,
     llm_score,
     register,
+    sem_join,
     sql,
 )
 
@@ -20,9 +23,12 @@ __all__ = [
     "SparkClient",
     "llm",
     "llm_choice",
+    "llm_embed",
     "llm_filter",
     "llm_json",
+    "llm_reduce",
     "llm_score",
     "register",
+    "sem_join",
     "sql",
 ]

@@ -22,6 +22,7 @@ from html import escape
 
 import numpy as np
 
+from llmudf.optimizer.blocking import BlockingSummary
 from llmudf.optimizer.metrics import Render, Tokenize, estimate_cost, prefix_hits
 
 STRATEGIES = ("original order", "dedup", "dedup + GGR order")
@@ -62,6 +63,10 @@ class CallSiteExplain:
     # (computed prompt tokens + new tokens) / the engine's measured speed; None before the
     # engine has run (no speed to go by) or when counting characters
     estimated_seconds: float | None = None
+    # a semantic join: pairs in the cross product, candidates after blocking, estimated recall
+    blocking: BlockingSummary | None = None
+    # llm_reduce: groups, rows, and prompts per level of the hierarchy
+    hierarchy: str | None = None
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -92,6 +97,10 @@ class LLMExplain:
                 f"  below the LLM: {'; '.join(s.pushed) or '(nothing)'}",
                 f"  estimated time: {s.estimate}",
             ]
+            if s.blocking is not None:
+                lines.append(f"  semantic join: {s.blocking}")
+            if s.hierarchy is not None:
+                lines.append(f"  llm_reduce: {s.hierarchy}")
         if self.sql:  # a DataFrame call has no SQL
             lines.append(f"rewritten SQL: {self.sql}")
         return "\n".join(lines)
@@ -178,13 +187,14 @@ def explain_call(
     row_counts: Sequence[int] | None = None,
     tokens_per_s: float | None = None,
     new_tokens: int = 0,
+    blocking: BlockingSummary | None = None,
 ) -> CallSiteExplain:
     """EXPLAIN data of one planned call site (`plan`: an optimizer CallPlan); `num_rows`:
     the rows behind the plan's input when that input was already made distinct in SQL, and
     `row_counts[i]` how many of them input row i stands for (for the "original order"
     strategy; their order is unknown then, so it assumes a seeded random order).
     `tokens_per_s`: the engine's measured forward speed, and `new_tokens` the most tokens
-    each prompt generates, for the time estimate."""
+    each prompt generates, for the time estimate. `blocking`: a semantic join's pairs."""
     tokenize, render = _once(plan.prompts, tokenize, render)
     cost = estimate_cost(plan, tokenize, render)
     orders = Counter(plan.field_orders)
@@ -207,6 +217,7 @@ def explain_call(
         pushed=tuple(pushed),
         strategies=strategy_costs(plan, tokenize, render, row_counts),
         estimated_seconds=seconds,
+        blocking=blocking,
     )
 
 

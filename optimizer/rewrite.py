@@ -19,9 +19,9 @@ slower. Found rows pass the UDF NULLs, which it answers as NULL without the mode
 evaluates a Python UDF on every row whatever the CASE branch; DuckDB's CASE is lazy, so
 there they never reach it. The SQL stays dialect-neutral (sqlglot).
 
->>> rw = QueryRewrite("SELECT llm('Why?', title) FROM t WHERE year > 2000", dialect="duckdb")
+>>> rw = QueryRewrite("SELECT llm('Why?', title) AS a FROM t WHERE year > 2000", dialect="duckdb")
 >>> [s.label for s in rw.sites], rw.udf_sql()
-(['llm #1 in SELECT'], "SELECT LLM('Why?', {'title': title}) FROM t WHERE year > 2000")
+(['llm #1 in SELECT'], "SELECT LLM('Why?', {'title': title}) AS a FROM t WHERE year > 2000")
 >>> steps = rw.steps()
 >>> step = next(steps)
 >>> step.site.label, step.pushed
@@ -38,6 +38,7 @@ import sqlglot
 from sqlglot import exp
 
 from llmudf.optimizer.callsite import CallSite, call_nodes, find_call_sites, llm_calls, parse_call
+from llmudf.optimizer.join import JoinStep, plan_semantic_joins
 from llmudf.optimizer.scopes import (
     UnsupportedQuery,
     after_grouping,
@@ -45,6 +46,7 @@ from llmudf.optimizer.scopes import (
     group_keys,
     inline_params,
     limit_pushdown_ok,
+    name_unaliased_calls,
     named_by_group,
     nondeterministic,
     outer_references,
@@ -61,6 +63,7 @@ __all__ = [
     "FOUND",
     "KEY",
     "AnswerStep",
+    "JoinStep",
     "Probe",
     "QueryRewrite",
     "Step",
@@ -95,7 +98,7 @@ class AnswerStep:
     pushed: tuple[str, ...]  # what runs below the call: filters, joins, a LIMIT
 
 
-Step = Probe | AnswerStep
+Step = Probe | AnswerStep | JoinStep
 
 
 class QueryRewrite:
@@ -114,6 +117,7 @@ class QueryRewrite:
         self.tree = statements[0]
         if params is not None:
             inline_params(self.tree, params)
+        name_unaliased_calls(llm_calls(self.tree), dialect)
         self.sites = find_call_sites(self.tree)  # the tree is canonical from here on
 
     def udf_sql(self) -> str:
@@ -121,12 +125,13 @@ class QueryRewrite:
         return self.tree.sql(self.dialect)
 
     def steps(self, assume_pass: bool = False) -> Generator[Step, object, str]:
-        """The plan, stage by stage: yields `Probe` and `AnswerStep`s in the order they must
-        run; send each Probe its count (an int) and each AnswerStep anything once its table
-        is bound. Returns the final SQL. Raises UnsupportedQuery for a shape it does not
-        cover: here, before any step, for what the whole query shows; when the plan reaches
-        it, for a scope's own (a call in a JOIN, a correlated subquery). `assume_pass`: for
-        EXPLAIN, later stages see every row an LLM filter would judge."""
+        """The plan, stage by stage: yields `Probe`, `JoinStep` and `AnswerStep`s in the
+        order they must run; send each Probe its count (an int) and each other step anything
+        once its table is bound. Returns the final SQL. Raises UnsupportedQuery for a shape
+        it does not cover: here, before any step, for what the whole query shows; when the
+        plan reaches it, for a scope's own (a JOIN condition that is no semantic join, a
+        correlated subquery). `assume_pass`: for EXPLAIN, later stages see every row an LLM
+        filter would judge."""
         self._check()
         return _Plan(self, assume_pass).run()
 
@@ -180,7 +185,7 @@ class _Plan:
             scope.set("from_", exp.From(this=one.subquery("__llm_one")))
         for node in self._direct_calls(scope, scope):
             clause = self._site(node).clause
-            if clause in ("JOIN", "FROM", "LIMIT"):
+            if clause in ("FROM", "LIMIT"):
                 raise UnsupportedQuery(f"an LLM call in {clause}")
         outer = outer_references(scope)
         if outer:
@@ -189,6 +194,7 @@ class _Plan:
                 "of the outer query)"
             )
         qualify_star(scope)
+        yield from plan_semantic_joins(self, scope)  # calls in JOIN ... ON (optimizer/join.py)
         done = [i for i, c in enumerate(conjuncts(scope)) if not self._direct_calls(scope, c)]
         todo = [i for i in range(len(conjuncts(scope))) if i not in done]
         while todo:

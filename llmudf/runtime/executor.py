@@ -28,7 +28,7 @@ from llmudf.runtime.cache import ResultCache, cache_key
 from llmudf.runtime.client import EngineClient
 from llmudf.runtime.progress import BatchProgress
 
-__all__ = ["CallResult", "CallStats", "StatsTable", "bind_call", "run_call"]
+__all__ = ["CallResult", "CallStats", "StatsTable", "answer_prompts", "bind_call", "run_call"]
 
 
 @dataclass(slots=True)
@@ -133,6 +133,21 @@ def run_call(
     values = [parsed[j] if j >= 0 else None for j in row_to_prompt]
     stats.seconds = time.perf_counter() - start
     return CallResult(pa.array(values, type=spec.function.arrow_type), stats)
+
+
+def answer_prompts(
+    spec: CallSpec,
+    prompts: list[ChatPrompt],
+    config: Config,
+    client: EngineClient,
+    cache: ResultCache | None,
+    stats: CallStats,
+) -> list[str]:
+    """The raw answer text of each of `prompts`, decoded as `spec` says: from `cache`, the
+    rest as one `client` batch (filling `stats`). For callers that build their own prompts
+    (llm_reduce)."""
+    config = spec.config(config)
+    return _answer(spec, prompts, spec.decoding(config), config, client, cache, stats)
 
 
 def _answer(spec, prompts, decoding, config, client, cache, stats) -> list[str]:

@@ -25,7 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from llmudf.optimizer.rewrite import ANSWER, COUNT, FOUND, AnswerStep, Probe, QueryRewrite
+from llmudf.calls.config import Config
+from llmudf.optimizer.blocking import BlockingSummary
+from llmudf.optimizer.rewrite import (
+    ANSWER,
+    COUNT,
+    FOUND,
+    AnswerStep,
+    JoinStep,
+    Probe,
+    QueryRewrite,
+)
+from llmudf.runtime.semantic_join import answer_join
 
 __all__ = ["AnsweredCall", "CallInput", "DrivenQuery", "answer_table", "drive"]
 
@@ -51,9 +62,10 @@ class CallInput:
 class AnsweredCall:
     """The result of one AnswerStep."""
 
-    step: AnswerStep
-    num_rows: int  # rows the call was answered for
+    step: AnswerStep | JoinStep
+    num_rows: int  # rows the call was answered for (a semantic join: pairs asked)
     num_distinct: int  # distinct argument tuples among them
+    blocking: BlockingSummary | None = None  # a semantic join's candidate pairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +80,18 @@ Bind = Callable[[str, pa.Table], None]
 
 
 def drive(
-    rewrite: QueryRewrite, run_sql: RunSql, answer: Answer, bind: Bind, assume_pass: bool = False
+    rewrite: QueryRewrite,
+    run_sql: RunSql,
+    answer: Answer,
+    bind: Bind,
+    assume_pass: bool = False,
+    config: Config | None = None,
 ) -> DrivenQuery:
     """Answer every call site of `rewrite`; return the final SQL and what each call saw.
     Raises UnsupportedQuery for shapes the rewrite does not cover, and whatever the
-    callables raise. `assume_pass`: see `QueryRewrite.steps`."""
+    callables raise. `assume_pass`: see `QueryRewrite.steps`. `config`: how semantic joins
+    block their pairs (blocking, blocking_k, embed_model; default Config()); `answer`
+    then gets a `llmudf.runtime.semantic_join.JoinInput` of the candidate pairs."""
     steps = rewrite.steps(assume_pass)
     calls: list[AnsweredCall] = []
     result = None
@@ -83,6 +102,14 @@ def drive(
             return DrivenQuery(stop.value, tuple(calls))
         if isinstance(step, Probe):
             result = int(run_sql(step.sql).column(0)[0].as_py() or 0)
+            continue
+        if isinstance(step, JoinStep):
+            left, right = run_sql(step.left_sql), run_sql(step.right_sql)
+            pairs = run_sql(step.pairs_sql) if step.pairs_sql else None
+            matches, blocking = answer_join(step, left, right, answer, config or Config(), pairs)
+            bind(step.table, matches)
+            result = AnsweredCall(step, blocking.num_candidates, blocking.num_candidates, blocking)
+            calls.append(result)
             continue
         args = run_sql(step.args_sql)
         row_counts = args[COUNT].to_numpy().astype(np.int64)

@@ -242,3 +242,17 @@ def test_an_interrupted_duckdb_query_is_not_rerun_per_chunk(con, monkeypatch):
     with pytest.raises(duckdb.InterruptException):
         con.sql("SELECT llm('Genre?', title) FROM m")
     assert con.last_fallback is None and _sent(con) == 0
+
+
+def test_an_unaliased_call_keeps_its_column_name(con):
+    """The rewrite's helper names never become column names: an unaliased call's column is
+    named by the call as written, on the rewrite and on the per-chunk path alike."""
+    rewritten = con.sql("SELECT llm('Genre?', title), year FROM m ORDER BY id LIMIT 3")
+    assert con.last_fallback is None
+    assert rewritten.columns == ["llm('Genre?', title)", "year"]
+    grouped = con.sql("SELECT year, llm_reduce('Sum up.', title) FROM m GROUP BY year")
+    assert grouped.columns == ["year", "llm_reduce('Sum up.', title)"]
+    per_chunk = llmudf.connect(config=con.config.with_options({}))
+    per_chunk.config.rewrite = False
+    per_chunk.execute("CREATE TABLE m AS SELECT 'Up' AS title")
+    assert per_chunk.sql("SELECT llm('Genre?', title) FROM m").columns == ["llm('Genre?', title)"]

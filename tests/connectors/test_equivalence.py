@@ -552,7 +552,6 @@ FALLS_BACK = {
     "exists_correlated", "not_exists_correlated", "scalar_subquery_correlated",
     "correlated_outer_field", "lateral",  # read the outer query's columns
     "recursive_cte",
-    "join_on_call", "left_join_on_call",  # a call in a JOIN condition
     "star_using_join",
     "pivot", "unpivot", "insert_values", "update_set", "update_where", "delete_where",
     "create_view",

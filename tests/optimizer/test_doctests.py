@@ -3,10 +3,31 @@ import doctest
 import pytest
 
 import llmudf.optimizer
-from llmudf.optimizer import callsite, exact, explain, ggr, metrics, plan, rewrite
+from llmudf.optimizer import (
+    callsite,
+    exact,
+    explain,
+    ggr,
+    metrics,
+    plan,
+    reduce,
+    reduce_sql,
+    rewrite,
+)
 
 # the optimizer's public modules, each with examples in its docstrings
-MODULES = [llmudf.optimizer, callsite, exact, explain, ggr, metrics, plan, rewrite]
+MODULES = [
+    llmudf.optimizer,
+    callsite,
+    exact,
+    explain,
+    ggr,
+    metrics,
+    plan,
+    reduce,
+    reduce_sql,
+    rewrite,
+]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -184,8 +184,9 @@ def test_limit_over_an_llm_order_is_not_pushed(con):
 def test_canonical_form_names_fields(con):
     rewrite = QueryRewrite("SELECT llm_choice('C', ['a', 'b'], title, m.year) FROM movies m")
     assert rewrite.udf_sql() == (
-        "SELECT LLM_CHOICE('C', ['a', 'b'], {'title': title, 'year': m.year}) FROM movies AS m"
-    )
+        "SELECT LLM_CHOICE('C', ['a', 'b'], {'title': title, 'year': m.year}) "
+        """AS "llm_choice('C', ['a', 'b'], title, m.year)" FROM movies AS m"""
+    )  # an unaliased call keeps the column name it has unrewritten
     assert [s.label for s in rewrite.sites] == ["llm_choice #1 in SELECT"]
 
 
@@ -193,7 +194,8 @@ def test_spark_dialect_renders_the_same_plan():
     rewrite = QueryRewrite("SELECT llm('S', title) FROM movies WHERE year > 1990", "spark")
     assert (
         rewrite.udf_sql()
-        == "SELECT LLM('S', STRUCT(title AS `title`)) FROM movies WHERE year > 1990"
+        == "SELECT LLM('S', STRUCT(title AS `title`)) AS `llm('S', title)` FROM movies "
+        "WHERE year > 1990"
     )
 
 
