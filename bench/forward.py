@@ -4,31 +4,30 @@
 
 Runs (a) a prefill of `seqs` prompts of `tokens` tokens each and (b) one decode step of the
 same sequences, in our model (flat batch, paged KV) and in transformers (padded batch, its
-own KV cache), fp32, and prints the time of each and the ratios; the last line is JSON.
+own KV cache), fp32, and prints the median time of each (runs interleaved), the ratios, and
+what fraction of this machine's fp32 matmul peak (measured in the same run) each prefill
+reaches; the last line is JSON. Writes bench/results/forward.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from pathlib import Path
 
 import torch
+from _common import alternate, write_result
+from _roofline import FlopModel, matmul_peak_flops
 
 from llmudf.engine.weights import load_model, resolve_model_dir
 from llmudf.kernels import AttentionMetadata
 
 
-def best_of(fns, repeats: int) -> list[float]:
-    """The best time of each function, run interleaved so that load from elsewhere on the
+def median_of(fns, repeats: int) -> list[float]:
+    """The median time of each function, run interleaved so that load from elsewhere on the
     machine hits all of them alike."""
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+    runs = alternate({str(i): fn for i, fn in enumerate(fns)}, repeats)
+    return [runs[str(i)].median for i in range(len(fns))]
 
 
 def main() -> None:
@@ -37,9 +36,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    peak = matmul_peak_flops()
     from transformers import AutoModelForCausalLM
 
     model, cfg, _ = load_model()
@@ -84,9 +85,14 @@ def main() -> None:
     with torch.inference_mode():
         torch.testing.assert_close(ours_prefill(), hf_prefill(), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(ours_decode(), hf_decode(), atol=1e-3, rtol=1e-3)
-        t_ours_prefill, t_hf_prefill = best_of([ours_prefill, hf_prefill], args.repeats)
-        t_ours_decode, t_hf_decode = best_of([ours_decode, hf_decode], args.repeats * 3)
+        t_ours_prefill, t_hf_prefill = median_of([ours_prefill, hf_prefill], args.repeats)
+        t_ours_decode, t_hf_decode = median_of([ours_decode, hf_decode], args.repeats * 3)
     tokens = args.seqs * args.tokens
+    prefill_flops = FlopModel.from_config(cfg).flops([(0, args.tokens)] * args.seqs, args.seqs)
+    roofline = {
+        "ours": prefill_flops / (peak * t_ours_prefill),
+        "hf": prefill_flops / (peak * t_hf_prefill),
+    }
     print(
         f"prefill {args.seqs}x{args.tokens}: ours {t_ours_prefill:.3f}s "
         f"({tokens / t_ours_prefill:.0f} tok/s)"
@@ -97,20 +103,34 @@ def main() -> None:
         f"  transformers {t_hf_decode * 1e3:.1f}ms  ratio {t_hf_decode / t_ours_decode:.2f}x"
     )
     print(
-        json.dumps(
-            {
-                "seqs": args.seqs,
-                "tokens": args.tokens,
-                "threads": torch.get_num_threads(),
-                "prefill_s_ours": round(t_ours_prefill, 4),
-                "prefill_s_hf": round(t_hf_prefill, 4),
-                "prefill_speedup": round(t_hf_prefill / t_ours_prefill, 3),
-                "decode_ms_ours": round(t_ours_decode * 1e3, 2),
-                "decode_ms_hf": round(t_hf_decode * 1e3, 2),
-                "decode_speedup": round(t_hf_decode / t_ours_decode, 3),
-            }
-        )
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; prefill reaches {roofline['ours']:.2f} of"
+        f" it (ours), {roofline['hf']:.2f} (transformers)"
     )
+    result = {
+        "seqs": args.seqs,
+        "tokens": args.tokens,
+        "threads": torch.get_num_threads(),
+        "peak_gflops": round(peak / 1e9, 1),
+        "prefill_s_ours": round(t_ours_prefill, 4),
+        "prefill_s_hf": round(t_hf_prefill, 4),
+        "prefill_speedup": round(t_hf_prefill / t_ours_prefill, 3),
+        "prefill_fraction_of_roofline_ours": round(roofline["ours"], 3),
+        "prefill_fraction_of_roofline_hf": round(roofline["hf"], 3),
+        "decode_ms_ours": round(t_ours_decode * 1e3, 2),
+        "decode_ms_hf": round(t_hf_decode * 1e3, 2),
+        "decode_speedup": round(t_hf_decode / t_ours_decode, 3),
+    }
+    print(json.dumps(result))
+    headline = {
+        k: result[k]
+        for k in (
+            "prefill_speedup",
+            "decode_speedup",
+            "prefill_fraction_of_roofline_ours",
+            "prefill_fraction_of_roofline_hf",
+        )
+    }
+    write_result("forward", result, headline=headline, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

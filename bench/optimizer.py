@@ -1,15 +1,20 @@
-"""Optimizer benchmark on movies.db: prefix hit rate of original order, sorted rows, GGR and the
-optimum, dedup ratio and solver time, side by side in one process.
+"""Optimizer benchmark on movies.db: prefix hit rate of the original order, the default plan
+(row order), GGR and the optimum, dedup ratio and solver time, side by side in one process.
 
     python bench/optimizer.py [--samples 5] [--sample-rows 200]
 
 Tables: (1) movies with 8 fields; (2) one row per (movie, cast member), from splitting `Cast`,
-with the actor as the first field as a join query would list it (`llm(q, actor, title, ...)`),
-so movie fields repeat across rows. PHR counts the rendered prompt (system prompt, chat template,
-instruction, fields) in tokens of the default model's tokenizer when it loads, else characters;
-"PHR chars" is the same in characters, "prev-only" compares each prompt with the previous one
-only (a one-entry cache: row order matters), "user msg" counts the user message alone
-(instruction + fields, no system prompt or template) in characters.
+with the actor as the first field (`llm(q, actor, title, ...)`): the adversarial order, where
+the unique field comes first and hides the movie fields' repeats from a fixed field order;
+(3) the same rows in the order a user would write (`llm(q, title, ..., actor)`: title
+first, the cast member last). Each table's prompts in three plans: "original" (row and field
+order as given, no dedup), "default" (what `llmudf.Config()` does: dedup + row order, fields
+as written) and "ggr" (also field reordering, off by default: `Config(reorder_fields=True)`).
+PHR counts the rendered prompt (system prompt, chat template, instruction, fields) in tokens
+of the default model's tokenizer when it loads, else characters; "PHR chars" is the same in
+characters, "prev-only" compares each prompt with the previous one only (a one-entry cache:
+row order matters), "user msg" counts the user message alone (instruction + fields, no
+system prompt or template) in characters.
 
 The optimum on 200-row samples: the exact search (`exact_optimum`) finishes only on small or
 nested samples; where it passes its budget, the per-row chain upper bound stands in for the
@@ -23,10 +28,13 @@ import argparse
 import json
 import sqlite3
 import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+from _common import write_result
 
+from llmudf.calls.config import Config
 from llmudf.calls.prompt import ChatPrompt
 from llmudf.optimizer import PlanOptions, plan_call, prefix_hit_rate
 from llmudf.optimizer.encode import encode, group_fields
@@ -38,10 +46,11 @@ from llmudf.runtime import paths
 INSTRUCTION = "Is this movie suitable for young children? Answer yes or no."
 MOVIE_FIELDS = ["title", "year", "genre", "director", "writer", "language", "country", "rating"]
 ORIGINAL = PlanOptions(dedup=False, reorder_fields=False, reorder_rows=False)
-SORTED = PlanOptions(dedup=False, reorder_fields=False)
+DEFAULT = PlanOptions.from_config(Config())  # what a user gets without asking
+PLANS = {"original": ORIGINAL, "default": DEFAULT, "ggr": PlanOptions()}
 
 
-def load_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     con = sqlite3.connect(paths.movies_db())
     df = pd.read_sql(
         "SELECT Title AS title, Year AS year, Genre AS genre, Director AS director, "
@@ -52,7 +61,8 @@ def load_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     movies = df[MOVIE_FIELDS]
     cast = df.assign(actor=df["cast_list"].str.split(", ")).explode("actor")
     cast = cast[cast["actor"].notna() & (cast["actor"] != "")]
-    return movies, cast[["actor", *MOVIE_FIELDS]].reset_index(drop=True)
+    cast = cast.reset_index(drop=True)
+    return movies, cast[["actor", *MOVIE_FIELDS]], cast[[*MOVIE_FIELDS, "actor"]]
 
 
 def load_renderer():
@@ -73,7 +83,7 @@ def load_renderer():
 
 def phr_table(name, df, render, tokenize, unit) -> dict:
     rows = {}
-    for label, options in (("original", ORIGINAL), ("sorted", SORTED), ("ggr", PlanOptions())):
+    for label, options in PLANS.items():
         plan = plan_call(INSTRUCTION, df, options)
         rows[label] = {
             "phr": prefix_hit_rate(plan.prompts, tokenize, render),
@@ -165,11 +175,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--sample-rows", type=int, default=200)
     parser.add_argument("--max-states", type=int, default=2_000)
+    parser.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
     args = parser.parse_args()
-    movies, cast = load_tables()
+    movies, cast, cast_user = load_tables()
     render, tokenize, unit = load_renderer()
     t1 = phr_table("table 1: movies", movies, render, tokenize, unit)
-    t2 = phr_table("table 2: movie x cast member", cast, render, tokenize, unit)
+    t2 = phr_table("table 2: movie x cast member, actor first", cast, render, tokenize, unit)
+    t3 = phr_table("table 3: movie x cast member, title first", cast_user, render, tokenize, unit)
     print(f"\n== GGR vs optimum: worst of {args.samples} samples ==")
     ratios = {}
     for name, df in (("movies", movies), ("cast", cast)):
@@ -190,19 +202,27 @@ def main() -> None:
     scaling = solver_scaling(cast)
     big = [ratios[("movies", args.sample_rows)], ratios[("cast", args.sample_rows)]]
     small = [ratios[("movies", 20)], ratios[("cast", 20)]]
+    tables = {"movies": t1, "cast_actor_first": t2, "cast_title_first": t3}
     result = {
         "phr_unit": unit,
+        "default_plan": {
+            "dedup": DEFAULT.dedup,
+            "reorder_rows": DEFAULT.reorder_rows,
+            "reorder_fields": DEFAULT.reorder_fields,
+        },
+        "phr": {
+            name: {plan: round(row["phr"], 4) for plan, row in t.items()}
+            for name, t in tables.items()
+        },
+        "phr_user_message_chars": {
+            name: {plan: round(row["phr_user"], 4) for plan, row in t.items()}
+            for name, t in tables.items()
+        },
+        "requests": {name: {p: r["requests"] for p, r in t.items()} for name, t in tables.items()},
         "ggr_over_optimum": round(min(r["rendered"] for r in big), 4),
         "ggr_over_optimum_is_lower_bound": any(r["exact"] < r["samples"] for r in big),
         "ggr_over_optimum_fields_only": round(min(r["fields"] for r in big), 4),
         "ggr_over_optimum_exact_20rows_fields_only": round(min(r["fields"] for r in small), 4),
-        "ggr_phr_cast": round(t2["ggr"]["phr"], 4),
-        "original_phr_cast": round(t2["original"]["phr"], 4),
-        "sorted_phr_cast": round(t2["sorted"]["phr"], 4),
-        "ggr_phr_cast_user_message_chars": round(t2["ggr"]["phr_user"], 4),
-        "original_phr_cast_user_message_chars": round(t2["original"]["phr_user"], 4),
-        "ggr_phr_movies": round(t1["ggr"]["phr"], 4),
-        "original_phr_movies": round(t1["original"]["phr"], 4),
         "dedup_ratio_cast": round(len(cast) / t2["ggr"]["requests"], 4),
         "ggr_over_paper_score_movies": round(paper["movies"], 4),
         "ggr_over_paper_score_cast": round(paper["cast"], 4),
@@ -210,7 +230,16 @@ def main() -> None:
         "solver_s_120k_over_30k": round(scaling[120_000] / scaling[30_000], 3),
         "solver_s_full_cast": round(t2["ggr"]["solver_s"], 3),
     }
-    print(json.dumps(result))
+    headline = {
+        f"phr_{name}_{plan}": result["phr"][name][plan]
+        for name in ("cast_title_first", "cast_actor_first", "movies")
+        for plan in ("original", "default", "ggr")
+    }
+    headline |= {
+        k: result[k] for k in ("ggr_over_optimum", "solver_s_30k", "solver_s_120k_over_30k")
+    }
+    print(json.dumps(headline))
+    write_result("optimizer", result, headline=headline, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

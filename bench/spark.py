@@ -13,9 +13,12 @@ Both sides run the same engine server setup; each query on each side gets a fres
 (no prefix cache carried over), warmed before timing, after one untimed run of every query
 on both sides over 10 rows cached and partitioned like the timed table (Spark's first-run
 costs: code generation for the same plans, Python workers). The questions are about
-categorical columns (300 top movies: 59 countries), the common case, as in bench/query.py.
+categorical columns (300 top movies: 59 countries), the common case, as in bench/query.py,
+with the same instructions, on which the default model's answers vary: the projection's
+answers must hold >= 3 distinct values and the filter must keep and drop >= 3 rows each, or
+the run fails its own check (exit 1, after the result file is written).
 Each query runs `--repeat` times on each side, the sides alternating; the medians are
-compared. Prints the ratios and ends with one JSON line.
+compared and the spread printed. Writes bench/results/spark.json.
 
     python bench/spark.py --rows 300
 """
@@ -27,23 +30,24 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
+
+from _common import Checks, Runs, alternate, write_result
 
 from llmudf.calls.config import Config
 from llmudf.calls.prompt import ChatPrompt
 from llmudf.cli import _read_movies
 from llmudf.runtime import paths
 
+FILTER = "Is this country an island?"
+PROJECTION = "What is the capital of this country? Answer with the city name only."
 # the filter and projection queries of bench/query.py, in Spark SQL (options as a struct)
 QUERIES = {
-    "filter": "SELECT Title, Year FROM omdb "
-    "WHERE llm_filter('Is this country in Europe?', Country)",
-    "projection": "SELECT Title, llm('Which continent is this country in? Answer in one word.', "
-    "Country, struct(4 AS max_tokens)) AS continent FROM omdb",
+    "filter": f"SELECT Title, Year FROM omdb WHERE llm_filter('{FILTER}', Country)",
+    "projection": f"SELECT Title, llm('{PROJECTION}', Country, struct(8 AS max_tokens)) AS "
+    "capital FROM omdb",
 }
 
 
@@ -85,21 +89,17 @@ def _frames() -> dict:
     import llmudf.spark as lspark
     from llmudf.spark import llm, llm_filter
 
-    europe, continent = (
-        "Is this country in Europe?",
-        "Which continent is this country in? Answer in one word.",
-    )
     frames = {
         label: (lambda spark, config, query=query: lspark.sql(spark, query, config))
         for label, query in QUERIES.items()
     }
     frames["filter_dataframe"] = lambda spark, config: (
         spark.table("omdb")
-        .where(llm_filter(europe, "Country", config=config))
+        .where(llm_filter(FILTER, "Country", config=config))
         .select("Title", "Year")
     )
     frames["projection_dataframe"] = lambda spark, config: spark.table("omdb").select(
-        "Title", llm(continent, "Country", max_tokens=4, config=config).alias("continent")
+        "Title", llm(PROJECTION, "Country", max_tokens=8, config=config).alias("capital")
     )
     return frames
 
@@ -110,11 +110,8 @@ def _cache_as_omdb(spark, table) -> None:
     spark.table("omdb").count()
 
 
-def _timed(spark, frame, config: Config) -> tuple[float, list]:
-    fresh_server(config)
-    start = time.perf_counter()
-    rows = sorted(map(repr, frame(spark, config).collect()))
-    return time.perf_counter() - start, rows
+def _collect(spark, frame, config: Config) -> list:
+    return sorted(frame(spark, config).collect(), key=repr)
 
 
 def main() -> None:
@@ -122,6 +119,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300, help="movies in the table")
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per side and query")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default bench/results")
     args = parser.parse_args()
     os.environ.setdefault("LLMUDF_CACHE_DIR", str(Path(tempfile.gettempdir()) / "llmudf-bench"))
 
@@ -147,36 +145,75 @@ def main() -> None:
     _cache_as_omdb(spark, omdb.slice(0, 10))
     for frame in frames.values():
         for config in (plain_config, ours_config):
-            _timed(spark, frame, config)
+            fresh_server(config)
+            _collect(spark, frame, config)
     _cache_as_omdb(spark, omdb)
-    report: dict = {"rows": omdb.num_rows}
-    identical = True
+    configs = {"plain": plain_config, "llmudf": ours_config}
+    report: dict = {"rows": omdb.num_rows, "repeat": args.repeat, "queries": {}}
+    checks = Checks()
     answers: dict[str, list] = {}
     for label, frame in frames.items():
-        # the sides alternate, `--repeat` times; the medians are compared
-        runs = [
-            [_timed(spark, frame, config) for config in (plain_config, ours_config)]
-            for _ in range(args.repeat)
-        ]
-        plain_s = statistics.median(plain[0] for plain, _ours in runs)
-        ours_s = statistics.median(ours[0] for _plain, ours in runs)
-        ours = runs[0][1][1]
-        # every run, and the DataFrame API, must give the SQL query's answers
-        expected = answers.setdefault(label.removesuffix("_dataframe"), ours)
-        same = all(run[1] == expected for pair in runs for run in pair)
-        identical &= same
-        speedup = plain_s / ours_s
-        print(
-            f"{label:<20} rows={omdb.num_rows} answers={len(ours)} plain={plain_s:.1f}s "
-            f"llmudf={ours_s:.1f}s speedup={speedup:.2f}x identical={same}"
+        # the sides alternate, `--repeat` times, each run on a fresh server; medians compared
+        runs = alternate(
+            {side: lambda c=c, f=frame: _collect(spark, f, c) for side, c in configs.items()},
+            args.repeat,
+            prepare=lambda side: fresh_server(configs[side]),
         )
-        report[f"plain_{label}_s"] = round(plain_s, 2)
-        report[f"llmudf_{label}_s"] = round(ours_s, 2)
-        report[f"speedup_{label}"] = round(speedup, 2)
-    report["identical"] = identical
+        plain, ours = runs["plain"], runs["llmudf"]
+        rows = ours.results[0]
+        # every run, and the DataFrame API, must give the SQL query's answers
+        query = label.removesuffix("_dataframe")
+        expected = answers.setdefault(query, rows)
+        same = all(result == expected for side in runs.values() for result in side.results)
+        num_distinct = _check_answers(checks, label, rows, omdb.num_rows)
+        speedup = plain.median / ours.median
+        print(
+            f"{label:<20} rows={omdb.num_rows} answers={len(rows)} distinct={num_distinct} "
+            f"plain={plain.median:.1f}s (spread {plain.spread:.0%}) "
+            f"llmudf={ours.median:.1f}s (spread {ours.spread:.0%}) "
+            f"speedup={speedup:.2f}x identical={same}"
+        )
+        report["queries"][label] = _query_report(plain, ours, same, num_distinct)
+    queries = report["queries"]
+    report["identical"] = all(q["identical"] for q in queries.values())
     spark.stop()
     _stop_servers(signal.SIGTERM)
-    print(json.dumps(report))
+    headline = {f"speedup_{label}": q["speedup"] for label, q in queries.items()}
+    headline["identical"] = report["identical"]
+    headline["distinct_answers_projection"] = queries.get("projection", {}).get("distinct_answers")
+    headline = {k: v for k, v in headline.items() if v is not None}
+    targets = {k: ">= 2.0" for k in headline if k.startswith("speedup_")}
+    targets["identical"] = "== true"
+    if "distinct_answers_projection" in headline:
+        targets["distinct_answers_projection"] = ">= 3"
+    print(json.dumps(headline))
+    write_result("spark", report, headline=headline, targets=targets,
+                 results_dir=args.results_dir)  # fmt: skip
+    checks.exit_if_failed()
+
+
+def _query_report(plain: Runs, ours: Runs, identical: bool, num_distinct: int) -> dict:
+    return {
+        "plain": plain.summary(),
+        "llmudf": ours.summary(),
+        "speedup": round(plain.median / ours.median, 3),
+        "identical": identical,
+        "distinct_answers": num_distinct,
+    }
+
+
+def _check_answers(checks: Checks, label: str, rows: list, total: int) -> int:
+    """Distinct answers of a projection (its LLM column), or of a filter (2 when it keeps
+    some rows and drops others); records a failure when they do not vary enough."""
+    if label.startswith("projection"):
+        return checks.require_varying(label, [row[-1] for row in rows])
+    kept, dropped = len(rows), total - len(rows)
+    checks.require(
+        kept >= 3 and dropped >= 3,
+        f"{label}: the LLM filter kept {kept} and dropped {dropped} rows; both need >= 3 for "
+        "'identical' to mean anything",
+    )
+    return int(kept > 0) + int(dropped > 0)
 
 
 if __name__ == "__main__":
