@@ -179,6 +179,13 @@ def _generate(args) -> int:
         f"({stats.num_cached_tokens} from the prefix cache, PHR {stats.prefix_hit_rate:.0%}), "
         f"{stats.num_generated_tokens} generated, {stats.tokens_per_s:.0f} tokens/s"
     )
+    print(
+        f"KV tiers: {stats.num_device_hit_tokens} prompt tokens hit on the device, "
+        f"{stats.num_host_hit_tokens} loaded back from host memory, "
+        f"{stats.num_computed_prompt_tokens} computed; "
+        f"{(stats.num_bytes_to_host + stats.num_bytes_to_device) / 2**20:.1f} MiB copied; "
+        f"{stats.num_cpu_attention_tokens} decode tokens attended on the CPU"
+    )
     return 0
 
 
