@@ -19,7 +19,11 @@ import torch
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 8) -> float:
-    """FLOP/s of the fastest of `repeats` fp32 `torch.mm` of two `size` x `size` matrices."""
+    """FLOP/s of the fastest of `repeats` fp32 `torch.mm` of two `size` x `size` matrices.
+
+    One measurement can read low (a cold thread pool, a clock still ramping up: 122 against
+    184 GFLOP/s seen on this machine a minute apart), which would inflate a fraction of it
+    past 1; callers measure again after their runs and keep the higher (`max`)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen)
     b = torch.randn(size, size, generator=gen)
