@@ -39,6 +39,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from _common import write_result  # noqa: E402
 
 from llmudf.calls.prompt import ChatPrompt, render_user_message  # noqa: E402
 from llmudf.engine.config import EngineConfig  # noqa: E402
@@ -191,6 +192,29 @@ def main() -> None:
         f"(CPU time {cpu_off / cpu_on:.2f}x); answers identical: {identical} "
         f"({sum(a == b for a, b in zip(ans_off, ans_on, strict=True))}/{num_requests})"
     )
+    distinct = len(set(ans_on))
+    result = {
+        "recompute_saved": round(saved, 3),
+        "speedup": round(wall_off / wall_on, 3),
+        "speedup_cpu": round(cpu_off / cpu_on, 3),
+        "identical": identical,
+        "distinct_answers": distinct,
+        "tokens_computed_off": off.num_computed_prompt_tokens,
+        "tokens_computed_on": on.num_computed_prompt_tokens,
+        "tokens_loaded_from_host": on.num_host_hit_tokens,
+    }
+    write_result(
+        "offload",
+        result,
+        targets={
+            "recompute_saved": ">= 3",
+            "speedup": ">= 1.5",
+            "identical": "== true",
+            "distinct_answers": ">= 3",
+        },
+    )
+    if distinct < 3:
+        raise SystemExit(f"only {distinct} distinct answers: 'identical' would prove nothing")
     print(
         json.dumps(
             {
