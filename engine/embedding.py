@@ -13,6 +13,7 @@ processes that start together extract it once). Any other sentence-embedding fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import zipfile
@@ -78,7 +79,8 @@ class Embedder:
         self.folder = folder
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder).eval()
+        with _quiet_loading():  # no "Loading weights" bar in the middle of a query's output
+            self.model = AutoModel.from_pretrained(folder).eval()
         self.dimension = int(self.model.config.hidden_size)
         self._lock = threading.Lock()
 
@@ -146,3 +148,16 @@ def _extracted(zip_path: Path) -> Path:
                 archive.extractall(folder)
             done.touch()  # last: a folder without it is a partial extraction
     return folder
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
