@@ -36,7 +36,8 @@ class Config:
     "grpc+unix:///path"), or with endpoint=None this machine's server for `model`, started
     on first use and shared by every process; "openai": any OpenAI-compatible endpoint
     (`endpoint` = its base URL, e.g. "http://127.0.0.1:8000/v1"; `api_key`, default
-    $OPENAI_API_KEY). Spark tasks always use a server: the node's, unless backend says
+    $OPENAI_API_KEY; with "server", the engine server's key, default $LLMUDF_API_KEY). Spark
+    tasks always use a server: the node's, unless backend says
     otherwise.
     cache / cache_dir: the persistent result cache (default dir:
     `llmudf.runtime.paths.result_cache_dir()`).
@@ -138,8 +139,11 @@ class Config:
                     "backend='openai' needs endpoint= the base URL of an OpenAI-compatible "
                     f"API, e.g. 'http://127.0.0.1:8000/v1'; got {self.endpoint!r}"
                 )
-        elif self.api_key is not None:
-            raise ValueError(f"api_key is only used with backend='openai', not {self.backend!r}")
+        elif self.api_key is not None and self.backend != "server":
+            raise ValueError(
+                "api_key is the key of an engine server (backend='server') or an OpenAI-"
+                f"compatible endpoint (backend='openai'), not of backend={self.backend!r}"
+            )
         is_server = self.backend == "server" and self.endpoint is not None
         if is_server and not self.endpoint.startswith(_SERVER_SCHEMES):
             raise ValueError(

@@ -145,7 +145,9 @@ def _client_key(config: Config) -> str:
 def _new_client(config: Config) -> EngineClient:
     if config.backend == "server":
         # endpoint None: this machine's server for the model, started on first use
-        return ServerClient(config.endpoint, model=config.model, engine=config.engine)
+        return ServerClient(
+            config.endpoint, model=config.model, engine=config.engine, api_key=config.api_key
+        )
     if config.backend == "openai":
         from llmudf.runtime.openai_client import OpenAIClient, first_model
 

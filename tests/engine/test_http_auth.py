@@ -97,6 +97,21 @@ def test_flight_needs_the_key(server, monkeypatch):
     assert FlightEngineClient(server.location).action("ready")["ready"] is True
 
 
+def test_a_config_carries_the_key_to_the_server(server, monkeypatch):
+    """`llmudf.connect(backend='server', endpoint=..., api_key=...)`: the SQL side's client
+    (and a Spark task's, which gets the same config) sends the config's key."""
+    from llmudf.calls.config import Config
+    from llmudf.runtime.client import get_client
+
+    monkeypatch.delenv("LLMUDF_API_KEY", raising=False)
+    prompts, params = [chat_messages("hi")], SamplingParams(max_tokens=2)
+    good = Config(backend="server", endpoint=server.location, api_key=KEY)
+    assert len(get_client(good).generate(prompts, params)) == 1
+    bad = Config(backend="server", endpoint=server.location, api_key="wrong")
+    with pytest.raises(EngineServerError, match="refused the API key"):
+        get_client(bad).generate(prompts, params)
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::", "example.com"])
 def test_non_loopback_bind_without_a_key_refuses(host):
     with pytest.raises(ValueError, match="without an API key.*--insecure"):

@@ -73,7 +73,7 @@ def test_local_is_the_default_backend(make_config):
         ({"backend": "openai", "endpoint": "localhost:8000"}, "base URL"),
         ({"endpoint": "http://127.0.0.1:8000/v1"}, "needs backend='server'.*or backend='openai'"),
         ({"backend": "server", "endpoint": "http://127.0.0.1:1"}, "grpc://host:port"),
-        ({"backend": "server", "api_key": "k"}, "api_key is only used with backend='openai'"),
+        ({"api_key": "k"}, "api_key is the key of an engine server"),
     ],
 )
 def test_bad_backend_settings_are_named(options, message):
