@@ -13,18 +13,13 @@ from llmudf.engine.config import EngineConfig
 from llmudf.engine.engine import Engine
 from llmudf.engine.prompts import chat_messages
 from llmudf.engine.sampling import SamplingParams
-from llmudf.engine.server import EngineServer, ServerConfig
 
 ENGINE = {"device": "cpu", "num_kv_pages": 512}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    config = ServerConfig(model=str(tiny_model_dir), port=0, http_port=0, engine=ENGINE)
-    srv = EngineServer(config).start()
-    assert srv.service.wait_ready(120), srv.service.load_error
-    yield srv
-    srv.shutdown()
+def server(start_server):
+    return start_server(engine=ENGINE)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from llmudf.engine.flight_client import FlightEngineClient
 from llmudf.engine.node import EngineServerError
 from llmudf.engine.prompts import chat_messages
 from llmudf.engine.sampling import SamplingParams
-from llmudf.engine.server import EngineServer, ServerConfig
+from llmudf.engine.server import ServerConfig
 
 KEY = "s3cret-key"
 ENDPOINTS = [
@@ -30,18 +30,8 @@ ENDPOINTS = [
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    config = ServerConfig(
-        model=str(tiny_model_dir),
-        port=0,
-        http_port=0,
-        engine={"device": "cpu", "num_kv_pages": 256},
-        api_key=KEY,
-    )
-    srv = EngineServer(config).start()
-    assert srv.service.wait_ready(120), srv.service.load_error
-    yield srv
-    srv.shutdown()
+def server(start_server):
+    return start_server(engine={"device": "cpu", "num_kv_pages": 256}, api_key=KEY)
 
 
 def call(server, method, path, body, key: str | None) -> tuple[int, dict | str]:

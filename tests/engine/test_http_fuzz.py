@@ -13,26 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from llmudf.engine.server import EngineServer, ServerConfig
-
 KEY = "fuzz-key"
 EXAMPLES_PER_OPERATION = 60
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def server(start_server):
     # a short context keeps every generated answer short
-    config = ServerConfig(
-        model=str(tiny_model_dir),
-        port=0,
-        http_port=0,
-        engine={"device": "cpu", "num_kv_pages": 2048, "max_model_len": 48},
-        api_key=KEY,
-    )
-    srv = EngineServer(config).start()
-    assert srv.service.wait_ready(120), srv.service.load_error
-    yield srv
-    srv.shutdown()
+    engine = {"device": "cpu", "num_kv_pages": 2048, "max_model_len": 48}
+    return start_server(engine=engine, api_key=KEY)
 
 
 def operations(server) -> list:

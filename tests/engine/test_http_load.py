@@ -24,18 +24,8 @@ MAX_TOKENS = {"heavy-a": 12, "heavy-b": 4}  # a: long answers; b: short ones
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    config = ServerConfig(
-        model=str(tiny_model_dir),
-        port=0,
-        http_port=0,
-        engine=ENGINE,
-        max_in_engine=MAX_IN_ENGINE,
-    )
-    srv = EngineServer(config).start()
-    assert srv.service.wait_ready(120), srv.service.load_error
-    yield srv
-    srv.shutdown()
+def server(start_server):
+    return start_server(engine=ENGINE, max_in_engine=MAX_IN_ENGINE)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ import time
 
 import pytest
 
-from llmudf.engine.server import EngineServer, ServerConfig
-
 READ_TIMEOUT = 1.0
 MAX_BODY = 64 << 10
 GOOD = b'{"prompt": "ok", "max_tokens": 2}'
@@ -20,19 +18,12 @@ FORM = "application/x-www-form-urlencoded"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    config = ServerConfig(
-        model=str(tiny_model_dir),
-        port=0,
-        http_port=0,
+def server(start_server):
+    return start_server(
         engine={"device": "cpu", "num_kv_pages": 512},
         read_timeout=READ_TIMEOUT,
         max_body_bytes=MAX_BODY,
     )
-    srv = EngineServer(config).start()
-    assert srv.service.wait_ready(120), srv.service.load_error
-    yield srv
-    srv.shutdown()
 
 
 def request_bytes(path: str, body: bytes, headers: dict | None = None) -> bytes:

@@ -12,23 +12,12 @@ import time
 
 import pytest
 
-from llmudf.engine.server import EngineServer, ServerConfig
-
 LONG = 480  # tokens: ~4 s of the tiny model on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    config = ServerConfig(
-        model=str(tiny_model_dir),
-        port=0,
-        http_port=0,
-        engine={"device": "cpu", "num_kv_pages": 2048},
-    )
-    srv = EngineServer(config).start()
-    assert srv.service.wait_ready(120), srv.service.load_error
-    yield srv
-    srv.shutdown()
+def server(start_server):
+    return start_server(engine={"device": "cpu", "num_kv_pages": 2048})
 
 
 def wait_until_running(server, timeout: float = 30.0) -> None:
