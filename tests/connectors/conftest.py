@@ -11,8 +11,11 @@ query plans that send the same prompts get the same answers, and answers vary fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -110,3 +113,38 @@ def hash_oracle(monkeypatch) -> HashClient:
     monkeypatch.setattr("llmudf.runtime.client._new_client", lambda config: client)
     monkeypatch.setattr("llmudf.runtime.client._CLIENTS", {})
     return client
+
+
+@pytest.fixture(scope="module")
+def local_spark(tmp_path_factory):
+    """local_spark(master, shuffle_partitions): a local SparkSession for the module, with an
+    isolated llmudf cache dir (node servers are found there; the executors inherit it). After
+    the module: Spark stopped, the node servers it started killed, the setting restored."""
+    if os.environ.get("CI"):
+        import pyspark  # noqa: F401  (in CI a missing extra fails the tests, never skips them)
+    else:
+        pytest.importorskip("pyspark")
+    from pyspark.sql import SparkSession
+
+    root = tmp_path_factory.mktemp("spark")
+    saved = os.environ.get("LLMUDF_CACHE_DIR")
+    os.environ["LLMUDF_CACHE_DIR"] = str(root / "cache")
+    sessions = []
+
+    def start(master: str, shuffle_partitions: int):
+        builder = SparkSession.builder.master(master).appName("llmudf-tests")
+        builder = builder.config("spark.ui.enabled", "false")
+        spark = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
+        sessions.append(spark.getOrCreate())
+        return sessions[-1]
+
+    yield start
+    for spark in sessions:
+        spark.stop()
+    for state in (root / "cache" / "servers").glob("*.json"):
+        with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
+            os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)  # servers we started
+    if saved is None:
+        os.environ.pop("LLMUDF_CACHE_DIR", None)
+    else:
+        os.environ["LLMUDF_CACHE_DIR"] = saved

@@ -4,8 +4,6 @@ mid-query still yields complete, correct answers."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import sqlite3
@@ -28,37 +26,14 @@ QUERY = (
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, make_tiny_model_dir):
+def env(local_spark, make_tiny_model_dir):
     """A tiny model, an isolated cache dir (node servers are found there), and Spark."""
-    if os.environ.get("CI"):
-        import pyspark  # noqa: F401  (in CI a missing extra fails the tests, never skips them)
-    else:
-        pytest.importorskip("pyspark")
-    from pyspark.sql import SparkSession
-
-    root = tmp_path_factory.mktemp("spark")
+    spark = local_spark("local[2,3]", 2)  # 2 threads; a failed task is retried
     model = str(make_tiny_model_dir("llama", seed=0))
-    saved = os.environ.get("LLMUDF_CACHE_DIR")
-    os.environ["LLMUDF_CACHE_DIR"] = str(root / "cache")  # the executors inherit it
-    spark = (
-        SparkSession.builder.master("local[2,3]")  # 2 threads; a failed task is retried
-        .appName("llmudf-tests")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "2")
-        .getOrCreate()
-    )
     con = sqlite3.connect(paths.movies_db())
     movies = pd.read_sql("SELECT ID, Title, Genre, Year FROM omdb ORDER BY ID LIMIT 60", con)
     spark.createDataFrame(movies).createOrReplaceTempView("movies")
-    yield {"spark": spark, "model": model, "movies": movies, "root": root}
-    spark.stop()
-    for state in (root / "cache" / "servers").glob("*.json"):
-        with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
-            os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)  # servers we started
-    if saved is None:
-        os.environ.pop("LLMUDF_CACHE_DIR", None)
-    else:
-        os.environ["LLMUDF_CACHE_DIR"] = saved
+    return {"spark": spark, "model": model, "movies": movies}
 
 
 def config(env, **kw) -> Config:

@@ -4,11 +4,6 @@ DataFrame API with 1 and 4 partitions, `llmudf.spark.sql` and plain `spark.sql` 
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-
 import pandas as pd
 import pytest
 
@@ -31,23 +26,8 @@ PLAIN_QUERY = (
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, make_tiny_model_dir):
-    if os.environ.get("CI"):
-        import pyspark  # noqa: F401  (in CI a missing extra fails the tests, never skips them)
-    else:
-        pytest.importorskip("pyspark")
-    from pyspark.sql import SparkSession
-
-    root = tmp_path_factory.mktemp("spark_reduce")
-    saved = os.environ.get("LLMUDF_CACHE_DIR")
-    os.environ["LLMUDF_CACHE_DIR"] = str(root / "cache")  # the executors inherit it
-    spark = (
-        SparkSession.builder.master("local[2]")
-        .appName("llmudf-reduce-tests")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "4")
-        .getOrCreate()
-    )
+def env(local_spark, make_tiny_model_dir):
+    spark = local_spark("local[2]", 4)
     rows = [
         (["Drama", "Comedy", "Horror"][i % 3], f"movie {i} of a kind", 1950 + i) for i in range(24)
     ]
@@ -59,15 +39,7 @@ def env(tmp_path_factory, make_tiny_model_dir):
         progress=False,
         cache=False,
     )
-    yield {"spark": spark, "movies": movies, "config": config}
-    spark.stop()
-    for state in (root / "cache" / "servers").glob("*.json"):
-        with contextlib.suppress(ProcessLookupError, ValueError, KeyError):
-            os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)  # servers we started
-    if saved is None:
-        os.environ.pop("LLMUDF_CACHE_DIR", None)
-    else:
-        os.environ["LLMUDF_CACHE_DIR"] = saved
+    return {"spark": spark, "movies": movies, "config": config}
 
 
 def rows(frame) -> list[tuple]:
