@@ -130,18 +130,7 @@ def parse_call(node: exp.Anonymous, index: int) -> CallSite:
             raise LLMCallError(
                 f"{site}: {function.const_arg} must be a constant, got {args[1].sql()}"
             ) from None
-    rest = args[num_before:]
-    options = {}
-    if len(rest) >= 2 and _struct_keys(rest[-1]):
-        constants = {}
-        for key, value in _struct_items(rest[-1]):
-            try:
-                constants[key] = literal_value(value)
-            except NotLiteral:
-                continue  # an expression over the rows: not a constant
-        if is_options(_struct_keys(rest[-1]), constants, site):
-            options = constants
-            rest.pop()
+    rest, options = split_options(args[num_before:], site)
     spec = bind_call(name, const, options, site)
     try:
         instruction = literal_value(args[0])
@@ -154,6 +143,22 @@ def parse_call(node: exp.Anonymous, index: int) -> CallSite:
     fields = _parse_fields(rest, site)
     const_node = args[1] if function.const_arg else None
     return CallSite(index, name, clause, node, spec, instruction, fields, const_node)
+
+
+def split_options(rest: list[exp.Expression], site: str) -> tuple[list[exp.Expression], dict]:
+    """A call's arguments after the instruction (and its constant) without a trailing
+    options struct, and those options ({} when there are none); LLMCallError naming `site`
+    for a misspelt or misplaced option (see `is_options`)."""
+    if len(rest) >= 2 and _struct_keys(rest[-1]):
+        constants = {}
+        for key, value in _struct_items(rest[-1]):
+            try:
+                constants[key] = literal_value(value)
+            except NotLiteral:
+                continue  # an expression over the rows: not a constant
+        if is_options(_struct_keys(rest[-1]), constants, site):
+            return list(rest[:-1]), constants
+    return list(rest), {}
 
 
 def _parse_fields(args: list[exp.Expression], site: str) -> list[tuple[str, object]]:

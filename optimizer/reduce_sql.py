@@ -26,6 +26,7 @@ import sqlglot
 from sqlglot import exp
 
 from llmudf.calls.functions import LLMCallError
+from llmudf.optimizer.callsite import split_options
 from llmudf.optimizer.scopes import name_unaliased_calls
 
 __all__ = ["REDUCE_LISTS", "has_reduce", "rewrite_reduce"]
@@ -59,6 +60,7 @@ def rewrite_reduce(sql: str, dialect: str = "duckdb") -> str:
         return sql
     for index, node in enumerate(calls, 1):
         _check(node, f"{REDUCE_NAME} #{index}")
+        split_options(node.expressions[1:], f"{REDUCE_NAME} #{index}")  # flags near misses
     name_unaliased_calls(calls, dialect)
     calls = [n for n in tree.find_all(exp.Anonymous, bfs=False) if n.name.lower() == REDUCE_NAME]
     for index, node in enumerate(calls, 1):

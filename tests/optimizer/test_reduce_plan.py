@@ -78,3 +78,11 @@ def test_misplaced_reduce_is_an_error(sql, message):
 def test_row_columns_inside_aggregates_and_subqueries_are_fine():
     sql = "SELECT count(x), (SELECT max(y) FROM u), llm_reduce('Q', x) FROM t"
     assert "__LLM_REDUCE_LISTS" in rewrite_reduce(sql)
+
+
+def test_a_misspelt_option_is_an_error_as_for_every_call():
+    """The same option check as llm's: a near miss is named, real options pass."""
+    sql = "SELECT g, llm_reduce('Q', title, {'max_token': 3}) FROM t GROUP BY g"
+    with pytest.raises(LLMCallError, match="llm_reduce #1: unknown option 'max_token'.*max_tokens"):
+        rewrite_reduce(sql)
+    assert "__LLM_REDUCE_LISTS" in rewrite_reduce(sql.replace("max_token", "max_tokens"))
