@@ -88,6 +88,7 @@ def test_greedy_answers_are_the_same_when_decode_attention_runs_on_the_cpu(tiny,
     engine = make_engine(tiny, num_kv_pages=75, page_size=4, cpu_attention_offload=True)
     outs = engine.generate(prompts(), GREEDY8)
     assert_same(outs, reference)
+    assert len({o.text for o in reference}) >= 3  # equal answers that also vary
     stats = engine.stats
     assert stats.num_offloaded_requests > 0 and stats.num_cpu_attention_tokens > 0
     again = engine.generate(prompts()[::-1], GREEDY8)

@@ -313,6 +313,7 @@ def test_greedy_answers_are_the_same_with_the_host_tier_on_or_off(tiny):
     second_off = ref.generate(prompts()[::-1], GREEDY8)
     second_on = on.generate(prompts()[::-1], GREEDY8)
     assert_same(second_on, second_off)
+    assert len({o.text for o in second_off}) >= 3  # equal answers that also vary
     stats = on.stats
     assert stats.num_host_hit_tokens > 0 and stats.num_bytes_to_device > 0
     assert stats.num_computed_prompt_tokens < ref.stats.num_computed_prompt_tokens
